@@ -128,6 +128,17 @@ class ResNet3D(nn.Module):
             self.stage_channels.append(inplanes)
         self.stem_channels = 64
 
+    def stage_shapes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
+        """Spatial sizes of the stem and the four stage maps for an input of `size` (D, H, W)."""
+        def conv(n: int, k: int, s: int, p: int) -> int:
+            return (n + 2 * p - k) // s + 1
+        shapes = [tuple(conv(n, 7, s, 3) for n, s in zip(size, self.conv1.stride))]
+        cur = tuple(conv(n, 3, 2, 1) for n in shapes[0])        # max-pool
+        for stride in (1, 2, 2, 2):
+            cur = tuple(conv(n, 3, stride, 1) for n in cur)
+            shapes.append(cur)
+        return shapes
+
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """conv1 -> norm -> act (before the max-pool): stride (1, 2, 2) by default."""
         return self.act(self.norm1(self.conv1(x)))

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from models import ARCHS, DINOHead, build_backbone, res3d10, res3d50
+
+STAGES = {  # blocks per stage and block type, SPEC.md §5
+    "res3d10": ((1, 1, 1, 1), 1), "res3d18": ((2, 2, 2, 2), 1), "res3d34": ((3, 4, 6, 3), 1),
+    "res3d50": ((3, 4, 6, 3), 4), "res3d101": ((3, 4, 23, 3), 4), "res3d152": ((3, 8, 36, 3), 4),
+    "res3d200": ((3, 24, 36, 3), 4),
+}
+
+
+def expected_state_dict(arch):
+    """Names and shapes written out from SPEC.md §5, independently of the model code."""
+    layers, e = STAGES[arch]
+    sd = {"conv1.weight": (64, 1, 7, 7, 7), "norm1.weight": (64,), "norm1.bias": (64,)}
+    cin = 64
+    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+        for j in range(n):
+            p = f"layer{i}.{j}."
+            if e == 1:
+                convs = [(planes, cin if j == 0 else planes, 3), (planes, planes, 3)]
+            else:
+                inp = cin if j == 0 else planes * 4
+                convs = [(planes, inp, 1), (planes, planes, 3), (planes * 4, planes, 1)]
+            for k, (co, ci, ks) in enumerate(convs, start=1):
+                sd[p + f"conv{k}.weight"] = (co, ci, ks, ks, ks)
+                sd[p + f"norm{k}.weight"] = (co,)
+                sd[p + f"norm{k}.bias"] = (co,)
+            if j == 0:  # projection shortcut on every stage's first block (quirk)
+                sd[p + "downsample.0.weight"] = (planes * e, cin, 1, 1, 1)
+                sd[p + "downsample.1.weight"] = (planes * e,)
+                sd[p + "downsample.1.bias"] = (planes * e,)
+        cin = planes * e
+    return sd
+
+
+@pytest.mark.parametrize("arch", list(STAGES))
+def test_state_dict_names_and_shapes(arch):
+    model = build_backbone(arch)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected_state_dict(arch)
+    assert model.stage_channels == [c * STAGES[arch][1] for c in (64, 128, 256, 512)]
+
+
+@pytest.mark.parametrize("arch", ["res3d10", "res3d18", "res3d34", "res3d50"])
+def test_pooled_and_unpooled_shapes(arch):
+    model = build_backbone(arch).eval()
+    x = torch.randn(2, 1, 16, 32, 40)
+    with torch.no_grad():
+        pooled = model(x)
+        maps = model.forward_features(x, include_stem=True)
+    widths = model.stage_channels
+    assert [tuple(p.shape) for p in pooled] == [(2, c) for c in widths]
+    assert tuple(maps[0].shape) == (2, 64, 16, 16, 20)       # stem: stride (1, 2, 2)
+    assert [tuple(m.shape) for m in maps[1:]] == [
+        (2, widths[0], 8, 8, 10), (2, widths[1], 4, 4, 5), (2, widths[2], 2, 2, 3), (2, widths[3], 1, 1, 2)]
+    for p, m in zip(pooled, maps[1:]):
+        torch.testing.assert_close(p, m.mean(dim=(2, 3, 4)))
+
+
+def test_published_norm_act_and_no_bias():
+    model = res3d10()
+    assert isinstance(model.norm1, torch.nn.InstanceNorm3d) and model.norm1.affine
+    assert not model.norm1.track_running_stats
+    assert isinstance(model.act, torch.nn.LeakyReLU) and model.act.negative_slope == 0.01
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Conv3d))
+    assert model.conv1.stride == (1, 2, 2) and model.conv1.padding == (3, 3, 3)
+
+
+def test_unknown_arch_lists_choices():
+    with pytest.raises(ValueError, match="res3d10, res3d18"):
+        build_backbone("res3d11")
+    assert set(ARCHS) == set(STAGES)
+
+
+def test_released_checkpoint_layout_loads_by_name():
+    """A 'teacher' dict shaped like the released DeSD_Res50 one loads after stripping."""
+    src = res3d50()
+    teacher = {"module.backbone." + k: v.clone() for k, v in src.state_dict().items()}
+    teacher["module.head.last_layer.weight_g"] = torch.ones(10, 1)
+    dst = res3d50()
+    sd = {k[len("module.backbone."):]: v for k, v in teacher.items() if k.startswith("module.backbone.")}
+    missing, unexpected = dst.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected
+    torch.testing.assert_close(dst.conv1.weight, src.conv1.weight)
+
+
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_dino_head(use_bn):
+    head = DINOHead(64, 50, use_bn=use_bn, hidden_dim=32, bottleneck_dim=16)
+    names = set(head.state_dict())
+    assert {"mlp.0.weight", "mlp.0.bias", "last_layer.weight_g", "last_layer.weight_v"} <= names
+    last_linear = "mlp.6.weight" if use_bn else "mlp.4.weight"
+    assert tuple(head.state_dict()[last_linear].shape) == (16, 32)
+    assert bool((head.last_layer.weight_g == 1).all())
+    assert not head.last_layer.weight_g.requires_grad        # norm_last_layer default True
+    assert float(head.mlp[0].bias.abs().max()) == 0.0
+    assert abs(float(head.mlp[0].weight.detach().std()) - 0.02) < 0.003  # trunc-normal, std 0.02
+    out = head(torch.randn(6, 64))
+    assert out.shape == (6, 50)
+    # rows of the last layer have unit norm and its input is L2-normalised: |logit| <= 1
+    assert float(out.abs().max()) <= 1.0 + 1e-5
+    w = head.last_layer.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(50))
+
+
+def test_head_norm_last_layer_false_trains_g():
+    head = DINOHead(8, 5, norm_last_layer=False, hidden_dim=8, bottleneck_dim=4)
+    assert head.last_layer.weight_g.requires_grad

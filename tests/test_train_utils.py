@@ -1,0 +1,136 @@
+import argparse
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import utils
+from main_desd import MultiStageNet, TeacherEMA, build_network
+
+
+def test_cosine_schedule_length_and_end_points():
+    s = utils.cosine_scheduler(1.0, 0.1, epochs=5, niter_per_ep=4, warmup_epochs=2)
+    assert len(s) == 20
+    np.testing.assert_allclose(s[:8], np.linspace(0, 1.0, 8))
+    assert s[8] == pytest.approx(1.0)                          # cosine starts at the base
+    n = 12
+    assert s[-1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (n - 1) / n)))
+    assert np.all(np.diff(s[8:]) <= 0)
+    m = utils.cosine_scheduler(0.996, 1.0, 3, 5)
+    assert m[0] == pytest.approx(0.996) and m[-1] < 1.0 and m[-1] > 0.9999
+
+
+def small_args(**kw):
+    base = dict(arch="res3d10", out_dim=16, use_bn_in_head=False, norm_last_layer=True)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_student_teacher_names_and_head_widths():
+    student = build_network(small_args(), [1, 2, 3])
+    teacher = build_network(small_args(), [])
+    t_names = set(teacher.state_dict())
+    assert t_names <= set(student.state_dict())
+    assert any(k.startswith("head.") for k in t_names) and not any("deep_heads" in k for k in t_names)
+    # head input widths follow the backbone (64..512 for res3d10), not hard-coded 256..2048
+    assert student.deep_heads["stage1"].mlp[0].in_features == 64
+    assert student.head.mlp[0].in_features == 512
+    out = student([torch.randn(2, 1, 16, 64, 64)] * 2 + [torch.randn(2, 1, 16, 48, 48)] * 3)
+    assert [tuple(o.shape) for o in out] == [(10, 16)] * 4
+
+
+def test_ema_pairs_by_name_even_when_registration_order_differs():
+    class Reordered(nn.Module):  # same names as the student, registered in another order
+        def __init__(self, src):
+            super().__init__()
+            self.head = src.head
+            self.backbone = src.backbone
+    student = build_network(small_args(), [2])
+    teacher = Reordered(build_network(small_args(), []))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.zero_()
+    ema = TeacherEMA(student, teacher)
+    ema.update(0.75)
+    s = dict(student.named_parameters())
+    for name, t in teacher.named_parameters():
+        torch.testing.assert_close(t, 0.25 * s[name])
+
+
+def test_ema_refuses_teacher_names_missing_from_student():
+    student = build_network(small_args(), [])
+    teacher = build_network(small_args(), [1])
+    with pytest.raises(ValueError, match="deep_heads.stage1"):
+        TeacherEMA(student, teacher)
+
+
+def test_param_groups_and_clip_and_freeze():
+    net = build_network(small_args(), [3])
+    reg, noreg = utils.get_params_groups(net)
+    assert all(p.ndim > 1 for p in reg["params"]) and all(p.ndim == 1 for p in noreg["params"])
+    assert noreg["weight_decay"] == 0.0
+    # the frozen weight_g is not optimised at all
+    assert not any(p is net.head.last_layer.weight_g for p in reg["params"] + noreg["params"])
+    lin = nn.Linear(3, 2)
+    lin.weight.grad = torch.full((2, 3), 10.0)
+    lin.bias.grad = torch.tensor([0.3, 0.4])
+    utils.clip_gradients(lin, 3.0)
+    assert float(lin.weight.grad.norm()) == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(lin.bias.grad, torch.tensor([0.3, 0.4]))    # norm 0.5 < 3
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    utils.cancel_gradients_last_layer(0, net, 1)
+    assert net.head.last_layer.weight_v.grad is None
+    assert net.backbone.conv1.weight.grad is not None
+
+
+def test_lars_step_matches_hand_computation():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))       # norm 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    opt = utils.LARS([{"params": [w]}, {"params": [b], "weight_decay": 0.0}], lr=0.1,
+                     weight_decay=0.0, eta=0.001)
+    w.grad = torch.tensor([[0.0, 2.0]])                # norm 2 -> trust 0.001 * 5 / 2
+    b.grad = torch.tensor([0.5])
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0 - 0.1 * 2.0 * 0.0025]]))
+    torch.testing.assert_close(b.detach(), torch.tensor([0.95]))
+
+
+def test_atomic_save_keeps_previous_and_falls_back(tmp_path, recwarn):
+    path = tmp_path / "checkpoint.pth"
+    utils.atomic_save({"epoch": 1, "w": torch.ones(3)}, path, keep_previous=True)
+    utils.atomic_save({"epoch": 2, "w": torch.ones(3) * 2}, path, keep_previous=True)
+    assert utils.safe_load(utils.previous_path(path))["epoch"] == 1
+    assert not list(tmp_path.glob(".*tmp*"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])           # truncated by a crash or a full disk
+    ckpt, source = utils.load_checkpoint_with_fallback(path)
+    assert ckpt["epoch"] == 1 and source == utils.previous_path(path)
+    assert any("checkpoint.pth" in str(w.message) for w in recwarn)
+    assert utils.load_checkpoint_with_fallback(tmp_path / "none.pth") == (None, None)
+
+
+def test_safe_load_allows_namespace_only(tmp_path):
+    p = tmp_path / "published.pth"
+    torch.save({"teacher": {"a": torch.zeros(1)}, "args": argparse.Namespace(arch="res3d50")}, p)
+    assert utils.safe_load(p)["args"].arch == "res3d50"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        utils.safe_load(tmp_path / "evil.pth")
+
+
+def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
+    utils.seed_everything(3)
+    state = utils.rng_state()
+    torch.save(state, tmp_path / "rng.pth")
+    a = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
+    utils.set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
+    b = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
+    assert a == b
