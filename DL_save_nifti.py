@@ -1,0 +1,216 @@
+"""Stage 1 of the DeepLesion recipe: 16-bit PNG slices -> one NIfTI per run of slices.
+
+    python DL_save_nifti.py --png_dir Images_png --info_csv DL_info.csv \
+        --out_dir Images_nifti --workers 8
+
+Every series folder ``PPPPPP_SS_SS`` of ``--png_dir`` holds slices ``NNN.png``; only
+runs of contiguous slice indices were released, so each run becomes one volume
+``{series}_{first:03d}-{last:03d}.nii.gz`` (SPEC.md section 1): int16 HU
+(PNG value - 32768), array ``(rows, cols, slices)``, the dataset demo's affine
+``[[0, -sy, 0], [-sx, 0, 0], [0, 0, -sz]]`` with ``Spacing_mm_px_`` ("sx, sy, sz") from
+the series' first row of ``DL_info.csv``. Existing outputs are skipped (``--overwrite``
+redoes them); series that cannot be converted are listed with the reason in
+``<out_dir>/DL_save_nifti_failures.txt`` and make the exit code 1.
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import volume_io
+
+PNG_OFFSET = 32768
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"
+
+
+# ----------------------------------------------------------------------------- pure arrays
+
+def split_runs(indices):
+    """Split slice indices into runs of contiguous integers: [1,2,3,7,8] -> [[1,2,3],[7,8]].
+
+    Duplicates are dropped and the indices sorted first.
+    """
+    runs = []
+    for i in sorted(set(int(i) for i in indices)):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def volume_name(series, first, last):
+    """Output file name of one run: ``{series}_{first:03d}-{last:03d}.nii.gz``."""
+    return f"{series}_{first:03d}-{last:03d}.nii.gz"
+
+
+def deeplesion_affine(spacing_xyz):
+    """The dataset demo's affine for spacing ``(sx, sy, sz)`` (SPEC.md section 1)."""
+    sx, sy, sz = (float(s) for s in spacing_xyz)
+    return np.array([[0, -sy, 0, 0],
+                     [-sx, 0, 0, 0],
+                     [0, 0, -sz, 0],
+                     [0, 0, 0, 1]], dtype=np.float64)
+
+
+def png_to_hu(slices_u16):
+    """Stack 2-D uint16 slices to ``(rows, cols, slices)`` int16 HU (value - 32768)."""
+    vol = np.stack(slices_u16, axis=-1).astype(np.int32) - PNG_OFFSET
+    return vol.astype(np.int16)
+
+
+def parse_spacing(text):
+    """``"0.78, 0.78, 5"`` -> ``(0.78, 0.78, 5.0)``; ValueError unless 3 finite values > 0."""
+    try:
+        sp = tuple(float(v) for v in str(text).replace(" ", "").split(","))
+    except ValueError:
+        raise ValueError(f"spacing {text!r} is not three numbers") from None
+    if len(sp) != 3 or not all(np.isfinite(sp)) or min(sp) <= 0:
+        raise ValueError(f"spacing {text!r} must be three finite values > 0 (mm)")
+    return sp
+
+
+# ----------------------------------------------------------------------------- file I/O
+
+def read_info_csv(path):
+    """Map ``'PPPPPP_SS_SS'`` -> the ``Spacing_mm_px_`` text of that series' first row."""
+    spacing = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"Patient_index", "Study_index", "Series_ID", "Spacing_mm_px_"}
+        missing = need - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        for row in reader:
+            key = (f"{int(row['Patient_index']):06d}_{int(row['Study_index']):02d}_"
+                   f"{int(row['Series_ID']):02d}")
+            spacing.setdefault(key, row["Spacing_mm_px_"])
+    return spacing
+
+
+def read_png(path):
+    """A 16-bit grayscale PNG as a 2-D uint16 array; VolumeError naming the file otherwise."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 8))
+        tail = f.read(8)
+    # libpng may decode a file whose end is missing; the IEND chunk must close it.
+    if head != _PNG_SIGNATURE:
+        raise volume_io.VolumeError(f"{path}: not a PNG file")
+    if tail != _PNG_IEND:
+        raise volume_io.VolumeError(f"{path}: truncated PNG (no IEND chunk at the end)")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise volume_io.VolumeError(f"{path}: unreadable PNG: {str(e).strip().splitlines()[-1]}") from e
+    if img.GetDimension() != 2 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise volume_io.VolumeError(f"{path}: expected a 2-D grayscale PNG, got "
+                                    f"{img.GetDimension()}-D with "
+                                    f"{img.GetNumberOfComponentsPerPixel()} components")
+    arr = sitk.GetArrayFromImage(img)
+    if arr.dtype != np.uint16:
+        raise volume_io.VolumeError(f"{path}: expected 16-bit PNG (HU + 32768), got {arr.dtype}")
+    return arr
+
+
+def convert_run(png_paths, spacing_xyz, out_path, overwrite=False):
+    """Read one run's PNG slices (in order) and atomically write its NIfTI."""
+    import nibabel as nib
+
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        return volume_io.SKIPPED
+    slices = []
+    for p in png_paths:
+        arr = read_png(p)
+        if slices and arr.shape != slices[0].shape:
+            raise volume_io.VolumeError(
+                f"{p}: slice size {arr.shape} differs from the series' {slices[0].shape} "
+                f"({Path(png_paths[0]).name})")
+        slices.append(arr)
+    img = nib.Nifti1Image(png_to_hu(slices), deeplesion_affine(spacing_xyz))
+    img.header.set_data_dtype(np.int16)
+    img.header.set_slope_inter(1.0, 0.0)
+    with volume_io.atomic_output(out_path) as tmp:
+        nib.save(img, str(tmp))
+    return volume_io.DONE
+
+
+def plan(png_dir, spacing_by_series, out_dir, overwrite=False):
+    """List every run of every series folder: ``(tasks, failures)`` for ``run_tasks``."""
+    tasks, failures = [], []
+    for folder in sorted(p for p in Path(png_dir).iterdir()
+                         if p.is_dir() and not p.name.startswith(".")):
+        pngs = [p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")]
+        if not pngs:
+            failures.append((str(folder), "series folder has no PNG slices"))
+            continue
+        bad = [p.name for p in pngs if not p.stem.isdigit()]
+        if bad:
+            failures.append((str(folder), f"slice names must be NNN.png, found {bad[:3]}"))
+            continue
+        if folder.name not in spacing_by_series:
+            failures.append((str(folder), f"series {folder.name} has no row in DL_info.csv "
+                                          f"(Patient_index, Study_index, Series_ID)"))
+            continue
+        try:
+            spacing = parse_spacing(spacing_by_series[folder.name])
+        except ValueError as e:
+            failures.append((str(folder), f"DL_info.csv: {e}"))
+            continue
+        by_index = {int(p.stem): p for p in pngs}
+        for run in split_runs(by_index):
+            out = Path(out_dir) / volume_name(folder.name, run[0], run[-1])
+            tasks.append((str(folder / f"{run[0]:03d}-{run[-1]:03d}"),
+                          ([by_index[i] for i in run], spacing, out, overwrite)))
+    return tasks, failures
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--png_dir", default="Images_png",
+                   help="DeepLesion's Images_png folder: one sub-folder of NNN.png per series.")
+    p.add_argument("--info_csv", default="DL_info.csv",
+                   help="DeepLesion's DL_info.csv (Patient_index, Study_index, Series_ID, "
+                        "Spacing_mm_px_ are used).")
+    p.add_argument("--out_dir", default="Images_nifti",
+                   help="Folder for the NIfTI volumes (created).")
+    p.add_argument("--workers", type=int, default=volume_io.default_workers(),
+                   help="Worker processes (default: all cores); 1 runs in this process.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Redo volumes whose output already exists (default: skip them).")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    png_dir, out_dir = Path(args.png_dir), Path(args.out_dir)
+    if not png_dir.is_dir():
+        print(f"DL_save_nifti: PNG folder {png_dir} does not exist", file=sys.stderr)
+        return 1
+    try:
+        spacing = read_info_csv(args.info_csv)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"DL_save_nifti: cannot read {args.info_csv}: {e}", file=sys.stderr)
+        return 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    volume_io.remove_stale_temps(out_dir)
+    tasks, failures = plan(png_dir, spacing, out_dir, args.overwrite)
+    if not tasks and not failures:
+        print(f"DL_save_nifti: no series folders in {png_dir}", file=sys.stderr)
+        return 1
+    return volume_io.run_tasks(convert_run, tasks, args.workers, "DL_save_nifti",
+                               out_dir / "DL_save_nifti_failures.txt", failures)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Stage 3 of the DeepLesion recipe: 24-slice sub-volumes and the pre-training list file.
+
+    python splitting_to_patches.py --in_dir Images_nifti_spacing --out_dir DL_patches_v2 \
+        --list_file SSL_data_deeplesion.txt --workers 8 [--format nii.gz]
+
+Each resampled volume ``(d, w, h)`` = ``(z, y, x)`` is cut into tiles of depth 24 at
+stride 12 (the last tile ends at the last slice; a volume of 13-23 slices gives one
+shorter tile, one of 12 or fewer gives none and is reported as excluded), cropped
+in-plane to the central 80 % when ``w > 320`` (SPEC.md section 3), and written as
+``{volume}_dep{k}.{format}`` with the volume's spacing, origin and direction:
+
+- ``nii.gz`` (default, as published) or ``nii`` (uncompressed, faster to read):
+  NIfTI-1, int16, no scaling;
+- ``npy``: the int16 array in nibabel's ``(x, y, z)`` order, i.e. exactly what
+  ``nibabel.load(...).get_fdata()`` gives for the NIfTI formats (as int16).
+
+The list file gets one line per sub-volume of the chosen format found in ``--out_dir``,
+sorted, each the path relative to the list file's folder (the defaults give
+``DL_patches_v2/<name>``). Existing outputs are skipped (``--overwrite`` redoes them);
+volumes that cannot be used are listed in ``<out_dir>/splitting_to_patches_failures.txt``
+and make the exit code 1.
+"""
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import volume_io
+
+TILE_DEPTH = 24
+TILE_STRIDE = 12
+CROP_ABOVE = 320
+FORMATS = ("nii.gz", "nii", "npy")
+
+
+# ----------------------------------------------------------------------------- pure arrays
+
+def tile_bounds(depth, tile=TILE_DEPTH, stride=TILE_STRIDE):
+    """The published tiles along z: a list of ``(start, stop)``.
+
+    ``ceil((d - 24) / 12) + 1`` tiles; tile k spans ``[12k, min(12k + 24, d))`` moved back
+    to end at ``d`` when it would be short, never starting before 0. (**quirk**: 13-23
+    slices give one tile shorter than 24; 12 or fewer give none.)
+    """
+    n = math.ceil((depth - tile) / stride) + 1
+    bounds = []
+    for k in range(max(n, 0)):
+        d1 = k * stride
+        d2 = min(d1 + tile, depth)
+        if d2 - d1 < tile:
+            d1 = d2 - tile
+        bounds.append((max(d1, 0), d2))
+    return bounds
+
+
+def crop_inplane(w, h, limit=CROP_ABOVE):
+    """In-plane slices: the central 80 % of y and x when ``w > limit``, else everything."""
+    if w > limit:
+        return slice(int(0.1 * w), int(0.9 * w)), slice(int(0.1 * h), int(0.9 * h))
+    return slice(0, w), slice(0, h)
+
+
+def split_volume(arr_zyx):
+    """Yield ``(k, tile)`` int16 ``(z, y, x)`` sub-volumes of one resampled volume."""
+    d, w, h = arr_zyx.shape
+    ys, xs = crop_inplane(w, h)
+    for k, (d1, d2) in enumerate(tile_bounds(d)):
+        yield k, arr_zyx[d1:d2, ys, xs].astype(np.int16)
+
+
+def stem(path):
+    """A volume's name without its .nii.gz / .nii / .npy extension."""
+    name = Path(path).name
+    return name[: -len(volume_io.nifti_ext(name))]
+
+
+# ----------------------------------------------------------------------------- file I/O
+
+def write_tile(tile_zyx, path, fmt, reference=None, compression_level=1):
+    """Atomically write one sub-volume in ``fmt``, geometry copied from ``reference``."""
+    if fmt == "npy":
+        volume_io.write_npy(tile_zyx.transpose(2, 1, 0), path)  # nibabel's (x, y, z)
+        return
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(tile_zyx)
+    if reference is not None:
+        img.SetSpacing(reference.GetSpacing())
+        img.SetOrigin(reference.GetOrigin())
+        img.SetDirection(reference.GetDirection())
+    volume_io.write_sitk(img, path, compression_level)
+
+
+def split_file(in_path, out_dir, fmt="nii.gz", overwrite=False, compression_level=1):
+    """Cut one volume into its sub-volumes; DONE, SKIPPED, or raises Excluded/VolumeError."""
+    base = stem(in_path)
+    out_dir = Path(out_dir)
+
+    def out(k):
+        return out_dir / f"{base}_dep{k}.{fmt}"
+
+    # Cheap resume check first: the tile count follows from the header alone.
+    if not overwrite:
+        import nibabel as nib
+        try:
+            depth = nib.load(str(in_path)).shape[2]
+        except Exception:
+            depth = None
+        if depth is not None and tile_bounds(depth) and all(
+                out(k).exists() for k in range(len(tile_bounds(depth)))):
+            return volume_io.SKIPPED
+    img, arr = volume_io.read_nifti(in_path)
+    if not tile_bounds(arr.shape[0]):
+        raise volume_io.Excluded(f"{in_path}: only {arr.shape[0]} slices; the published tiling "
+                                 f"gives no sub-volume below {TILE_STRIDE + 1}")
+    for k, tile in split_volume(arr):
+        if overwrite or not out(k).exists():
+            write_tile(tile, out(k), fmt, img, compression_level)
+    return volume_io.DONE
+
+
+def list_lines(out_dir, list_file, fmt):
+    """The list file's lines: every ``*_dep*.{fmt}`` in ``out_dir``, relative, sorted."""
+    out_dir, base = Path(out_dir), Path(list_file).resolve().parent
+    names = sorted(p.name for p in out_dir.iterdir()
+                   if p.name.endswith(f".{fmt}") and "_dep" in p.name
+                   and not p.name.startswith(".") and (fmt != "nii" or not p.name.endswith(".nii.gz")))
+    rel = Path(os.path.relpath(out_dir.resolve(), base))
+    return sorted((rel / n).as_posix() for n in names)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--in_dir", default="Images_nifti_spacing",
+                   help="Folder of resampled volumes (*.nii.gz) from re_spacing_ITK.py.")
+    p.add_argument("--out_dir", default="DL_patches_v2",
+                   help="Folder for the sub-volumes (created).")
+    p.add_argument("--list_file", default="SSL_data_deeplesion.txt",
+                   help="List file written at the end: one sub-volume per line, relative to "
+                        "the list file's folder.")
+    p.add_argument("--format", default="nii.gz", choices=FORMATS,
+                   help="Sub-volume format: nii.gz as published (smallest); nii (about 2-3x "
+                        "the disk) or npy (nibabel (x, y, z) order) read several times faster.")
+    p.add_argument("--workers", type=int, default=volume_io.default_workers(),
+                   help="Worker processes (default: all cores); 1 runs in this process.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Redo sub-volumes that already exist (default: skip them).")
+    p.add_argument("--compression_level", type=int, default=1, choices=range(1, 10),
+                   metavar="{1..9}", help="gzip level for nii.gz: 1 is fastest, 9 smallest.")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
+    if not in_dir.is_dir():
+        print(f"splitting_to_patches: input folder {in_dir} does not exist", file=sys.stderr)
+        return 1
+    inputs = sorted(p for p in in_dir.glob("*.nii.gz") if not p.name.startswith("."))
+    if not inputs:
+        print(f"splitting_to_patches: no *.nii.gz volumes in {in_dir} "
+              f"(run re_spacing_ITK.py first?)", file=sys.stderr)
+        return 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    volume_io.remove_stale_temps(out_dir)
+    tasks = [(str(p), (p, out_dir, args.format, args.overwrite, args.compression_level))
+             for p in inputs]
+    rc = volume_io.run_tasks(split_file, tasks, args.workers, "splitting_to_patches",
+                             out_dir / "splitting_to_patches_failures.txt")
+    lines = list_lines(out_dir, args.list_file, args.format)
+    Path(args.list_file).resolve().parent.mkdir(parents=True, exist_ok=True)
+    volume_io.write_text(args.list_file, "".join(f"{line}\n" for line in lines))
+    print(f"splitting_to_patches: {len(lines)} sub-volumes listed in {args.list_file}",
+          file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
