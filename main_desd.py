@@ -57,6 +57,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_bn_in_head", default=False, type=b,
                    help="BatchNorm1d in the projection heads (published run: True). Synchronised "
                         "across GPUs when several GPUs are used.")
+    g.add_argument("--head_hidden_dim", default=2048, type=int,
+                   help="Hidden width of the projection heads (published: 2048); smaller only for "
+                        "smoke tests.")
+    g.add_argument("--head_bottleneck_dim", default=256, type=int,
+                   help="Bottleneck width before the heads' last layer (published: 256).")
     g.add_argument("--stage_weights", default=[0.25] * 4, type=float, nargs=4, metavar="W",
                    help="Loss weights of stages 1-4. 0.25 0.25 0.25 0.25 is the published DeSD "
                         "loss; 0 0 0 1 is plain DINO on the same backbone. Stages with weight 0 "
@@ -202,7 +207,9 @@ def build_network(args, deep_stages: list[int]) -> MultiStageNet:
 
     def head(k: int) -> DINOHead:
         return DINOHead(backbone.stage_channels[k - 1], args.out_dim, use_bn=args.use_bn_in_head,
-                        norm_last_layer=args.norm_last_layer)
+                        norm_last_layer=args.norm_last_layer,
+                        hidden_dim=getattr(args, "head_hidden_dim", 2048),
+                        bottleneck_dim=getattr(args, "head_bottleneck_dim", 256))
     return MultiStageNet(backbone, head(NUM_STAGES), {k: head(k) for k in deep_stages})
 
 
@@ -348,7 +355,7 @@ def train(args) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     amp_dtype = resolve_precision(args, device)
     utils.print_rank0(f"DeSD: {world} process(es) on {device}, precision "
-                      f"{amp_dtype or torch.float32}; git-free args:\n"
+                      f"{amp_dtype or torch.float32}; arguments:\n"
                       + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
 
     # ------------------------------------------------------------------ data
@@ -513,6 +520,8 @@ def train(args) -> None:
                                     args.out_dim):
                 print(f"WARNING (epoch {epoch}): {w}", flush=True)
         del save
+        if utils.is_dist():  # no process runs ahead of the checkpoint that rank 0 is writing
+            torch.distributed.barrier()
 
     if rank == 0:
         from safetensors.torch import save_file
@@ -558,9 +567,9 @@ def train_one_epoch(*, epoch, args, student, teacher, student_fwd, teacher_fwd, 
             break
         it = epoch * niter + i
         for j, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[it]
+            group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the regularised group gets weight decay
-                group["weight_decay"] = wd_schedule[it]
+                group["weight_decay"] = float(wd_schedule[it])
         views = [v.to(device, non_blocking=True).contiguous(memory_format=memory_format) for v in views]
         if augment is not None:
             aug_gen.manual_seed(utils.sub_seed(args.seed, rank, epoch, i))

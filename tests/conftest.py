@@ -14,3 +14,7 @@ def _few_threads():
     import torch
     torch.set_num_threads(2)
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: fault-injection tests (still run in CI)")

@@ -1,0 +1,290 @@
+"""End-to-end trainer tests on CPU: a tiny res3d10 on tiny synthetic sub-volumes.
+
+Covers the 2-epoch run and its outputs, exact resume in a fresh process (0 and 2 workers,
+and 2 processes on gloo), fallback to the previous checkpoint, SIGKILL during saving, a
+NaN on one rank, and a killed rank followed by a relaunch (issue 6).
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "res3d10", "--out_dim", "32", "--head_hidden_dim", "32",
+        "--head_bottleneck_dim", "16", "--batch_size_per_gpu", "2",
+        "--global_crop_size", "8", "48", "48", "--local_crop_size", "8", "40", "40",
+        "--warmup_epochs", "1", "--print_freq", "1", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("subvolumes")
+    (root / "DL_patches_v2").mkdir()
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(4):
+        vol = rng.normal(-200, 300, size=(50, 44, 12)).clip(-1024, 1024).astype(np.int16)
+        np.save(root / "DL_patches_v2" / f"v{i}.npy", vol)
+        names.append(f"DL_patches_v2/v{i}.npy")
+    (root / "list.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(data, out, *extra, nproc=1, script=None, check=True, timeout=300):
+    script = script or str(ROOT / "main_desd.py")
+    args = ["--data_path", str(data), "--list_path", "list.txt", "--output_dir", str(out),
+            *TINY, *extra]
+    if nproc == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc.seconds = time.time() - t0
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def teacher(out, name="checkpoint.pth"):
+    return torch.load(Path(out) / name, map_location="cpu", weights_only=True)["teacher"]
+
+
+def assert_same(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def resume_from(src_out, dst_out, epoch_file):
+    dst_out.mkdir(parents=True)
+    shutil.copy(Path(src_out) / epoch_file, dst_out / "checkpoint.pth")
+
+
+# ------------------------------------------------------------------------- single process
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """3 epochs without interruption, checkpoints kept every epoch."""
+    out = tmp_path_factory.mktemp("straight")
+    run(data, out, "--epochs", "3", "--saveckp_freq", "1", "--num_workers", "0",
+        "--local_crops_number", "2")
+    return out
+
+
+def test_two_epoch_run_outputs(straight):
+    log = [json.loads(line) for line in (straight / "log.txt").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [0, 1, 2]
+    for row in log:
+        for key in ("train_total_loss", "train_loss_ssl", "train_deep_loss_1", "train_deep_loss_2",
+                    "train_deep_loss_3", "lr", "wd", "momentum", "teacher_temp", "seconds",
+                    "train_teacher_entropy", "train_teacher_batch_entropy", "train_kl_stage1",
+                    "train_kl_stage4"):
+            assert np.isfinite(row[key]), key
+        parts = [row[f"train_deep_loss_{k}"] for k in (1, 2, 3)] + [row["train_loss_ssl"]]
+        assert row["train_total_loss"] == pytest.approx(0.25 * sum(parts), rel=1e-5)
+    path = straight / "checkpoint.pth"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert {"student", "teacher", "optimizer", "epoch", "args", "desd_loss", "rng"} <= set(ckpt)
+    assert ckpt["epoch"] == 3 and isinstance(ckpt["args"], dict) and ckpt["args"]["arch"] == "res3d10"
+    assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["teacher"])
+    assert "module.backbone.conv1.weight" in ckpt["teacher"]
+    assert any(k.startswith("module.deep_heads.stage1.") for k in ckpt["student"])
+    assert ckpt["desd_loss"]["center"].shape == (1, 32)
+    assert {p.name for p in straight.glob("checkpoint0*.pth")} == {
+        "checkpoint0000.pth", "checkpoint0001.pth", "checkpoint0002.pth"}
+    assert (straight / "checkpoint_prev.pth").exists()
+    from safetensors.torch import load_file
+    bb = load_file(straight / "teacher_backbone.safetensors")
+    assert_same(bb, {k[len("module.backbone."):]: v for k, v in ckpt["teacher"].items()
+                     if k.startswith("module.backbone.")}, atol=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_in_fresh_process(straight, data, tmp_path, workers):
+    out = tmp_path / "resumed"
+    resume_from(straight, out, "checkpoint0001.pth")     # state after epochs 0 and 1
+    proc = run(data, out, "--epochs", "3", "--saveckp_freq", "1", "--num_workers", str(workers),
+               "--local_crops_number", "2")
+    assert "at epoch 2" in proc.stdout
+    assert_same(teacher(out), teacher(straight))
+    rows = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    ref = [json.loads(line) for line in (straight / "log.txt").read_text().splitlines()][2]
+    assert rows[0]["epoch"] == 2
+    assert rows[0]["train_total_loss"] == pytest.approx(ref["train_total_loss"], abs=1e-6)
+
+
+def test_truncated_checkpoint_falls_back_to_previous(straight, data, tmp_path):
+    out = tmp_path / "fallback"
+    out.mkdir()
+    shutil.copy(straight / "checkpoint0002.pth", out / "checkpoint.pth")
+    shutil.copy(straight / "checkpoint0001.pth", out / "checkpoint_prev.pth")
+    raw = (out / "checkpoint.pth").read_bytes()
+    (out / "checkpoint.pth").write_bytes(raw[: len(raw) // 2])
+    proc = run(data, out, "--epochs", "3", "--num_workers", "0", "--local_crops_number", "2")
+    assert "checkpoint.pth" in proc.stderr and "previous" in proc.stderr
+    assert "checkpoint_prev.pth at epoch 2" in proc.stdout
+    assert_same(teacher(out), teacher(straight))
+
+
+def test_bad_inputs_are_refused_before_training(data, tmp_path):
+    (tmp_path / "list.txt").write_text("DL_patches_v2/missing_0.npy\nDL_patches_v2/missing_1.npy\n")
+    proc = run(tmp_path, tmp_path / "out", "--epochs", "1", check=False)
+    assert proc.returncode != 0 and "missing_0.npy" in (proc.stderr + proc.stdout)
+    proc = run(data, tmp_path / "out2", "--epochs", "1", "--batch_size_per_gpu", "64", check=False)
+    assert proc.returncode != 0 and "fewer than one batch" in proc.stderr + proc.stdout
+    proc = run(data, tmp_path / "out3", "--arch", "res3d11", check=False)
+    assert proc.returncode != 0 and "res3d50" in proc.stderr
+
+
+def test_bf16_and_fp32_steps_are_finite(data, tmp_path):
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        run(data, out, "--epochs", "1", "--num_workers", "0", "--precision", precision,
+            "--max_iters_per_epoch", "1")
+        row = json.loads((out / "log.txt").read_text().splitlines()[0])
+        assert np.isfinite(row["train_total_loss"])
+
+
+# ------------------------------------------------------------------------- saving under SIGKILL
+
+def _save_forever(path, epoch):
+    while True:
+        epoch += 1
+        # numpy-made tensor: no OpenMP work in a forked child (it can hang after fork)
+        w = torch.from_numpy(np.full(2_000_000, epoch, np.float32))
+        utils.atomic_save({"epoch": epoch, "w": w}, path, keep_previous=True)
+
+
+@pytest.mark.slow
+def test_sigkill_during_saving_never_leaves_a_bad_checkpoint(tmp_path):
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")                 # torch is already imported: starts at once
+    path = tmp_path / "checkpoint.pth"
+    rng = random.Random(0)
+    last = 0
+    for _ in range(24):
+        proc = ctx.Process(target=_save_forever, args=(path, last))
+        proc.start()
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        if not path.exists():           # killed before the first save completed
+            continue
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["epoch"] >= last                       # never goes backwards
+        assert bool((ckpt["w"] == ckpt["epoch"]).all())    # complete, not a mix
+        last = ckpt["epoch"]
+    assert last > 0
+    # some kills landed in the middle of a write: their temporary files are left behind
+    assert list(tmp_path.glob(".checkpoint.pth.tmp.*"))
+
+
+# ------------------------------------------------------------------------- two processes (gloo)
+
+WRAPPER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    import main_desd
+
+    MODE, EPOCH = {mode!r}, {epoch}
+    rank = int(os.environ.get("RANK", 0))
+    orig_epoch, orig_loss = main_desd.train_one_epoch, main_desd.DeSDLoss.forward
+
+    def epoch_hook(*, epoch, **kw):
+        if MODE == "kill" and rank == 1 and epoch == EPOCH:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_epoch(epoch=epoch, **kw)
+
+    def loss_hook(self, s, t, epoch):
+        out = orig_loss(self, s, t, epoch)
+        if MODE == "nan" and rank == 1 and epoch == EPOCH:
+            return (out[0] * float("nan"),) + tuple(out[1:])
+        return out
+
+    main_desd.train_one_epoch = epoch_hook
+    main_desd.DeSDLoss.forward = loss_hook
+    main_desd.main(sys.argv[1:])
+""")
+
+
+def wrapper(tmp_path, mode, epoch):
+    script = tmp_path / f"wrap_{mode}.py"
+    script.write_text(WRAPPER.format(root=str(ROOT), mode=mode, epoch=epoch))
+    return str(script)
+
+
+@pytest.fixture(scope="module")
+def straight_ddp(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight_ddp")
+    run(data, out, "--epochs", "3", "--num_workers", "0", nproc=2)
+    return out
+
+
+@pytest.mark.slow
+def test_killed_rank_stops_launcher_and_relaunch_recovers(straight_ddp, data, tmp_path):
+    out = tmp_path / "killed"
+    killer = wrapper(tmp_path, "kill", 2)
+    proc = run(data, out, "--epochs", "3", "--num_workers", "0", nproc=2, script=killer, check=False)
+    assert proc.returncode != 0
+    assert proc.seconds < 120
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    proc = run(data, out, "--epochs", "3", "--num_workers", "0", nproc=2)   # the same command again
+    assert "at epoch 2" in proc.stdout
+    assert_same(teacher(out), teacher(straight_ddp))
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_all_ranks_and_keeps_checkpoint(straight_ddp, data, tmp_path):
+    out = tmp_path / "nan"
+    resume_from(straight_ddp, out, "checkpoint0000.pth")     # the good state after epoch 0
+    digest = hashlib.sha256((out / "checkpoint.pth").read_bytes()).hexdigest()
+    script = wrapper(tmp_path, "nan", 1)
+    proc = run(data, out, "--epochs", "3", "--num_workers", "0", nproc=2, script=script, check=False)
+    assert proc.returncode != 0
+    assert proc.seconds < 60 + 30          # 60 s for the stop, plus start-up on a loaded CI box
+    assert "non-finite loss at epoch 1, iteration 0" in proc.stderr
+    assert proc.stderr.count("non-finite loss at epoch 1") >= 2     # both ranks say so
+    assert digest == hashlib.sha256((out / "checkpoint.pth").read_bytes()).hexdigest()
+    assert not (out / "teacher_backbone.safetensors").exists()
+
+
+def test_every_torch_load_is_weights_only():
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if "tests" in path.parts:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path.name}:{n}")
+    assert not offenders, offenders
