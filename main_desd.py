@@ -570,11 +570,12 @@ def train_one_epoch(*, epoch, args, student, teacher, student_fwd, teacher_fwd, 
             group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the regularised group gets weight decay
                 group["weight_decay"] = float(wd_schedule[it])
-        views = [v.to(device, non_blocking=True).contiguous(memory_format=memory_format) for v in views]
+        views = [v.to(device, non_blocking=True) for v in views]
         if augment is not None:
             aug_gen.manual_seed(utils.sub_seed(args.seed, rank, epoch, i))
             with torch.no_grad():
                 views = augment(views, aug_gen)
+        views = [v.contiguous(memory_format=memory_format) for v in views]
 
         with autocast:
             teacher_out = teacher_fwd(views[:2])[-1]
