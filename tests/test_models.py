@@ -95,7 +95,7 @@ def test_dino_head(use_bn):
     assert tuple(head.state_dict()[last_linear].shape) == (16, 32)
     assert bool((head.last_layer.weight_g == 1).all())
     assert not head.last_layer.weight_g.requires_grad        # norm_last_layer default True
-    assert float(head.mlp[0].bias.abs().max()) == 0.0
+    assert float(head.mlp[0].bias.detach().abs().max()) == 0.0
     assert abs(float(head.mlp[0].weight.detach().std()) - 0.02) < 0.003  # trunc-normal, std 0.02
     out = head(torch.randn(6, 64))
     assert out.shape == (6, 50)
