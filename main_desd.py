@@ -22,6 +22,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -213,9 +214,58 @@ def build_network(args, deep_stages: list[int]) -> MultiStageNet:
     return MultiStageNet(backbone, head(NUM_STAGES), {k: head(k) for k in deep_stages})
 
 
+def build_models(args, device: torch.device, world: int = 1) -> SimpleNamespace:
+    """Student and teacher from one constructor, the teacher a copy of the student's
+    backbone and last head, frozen; the EMA pairing; DDP/SyncBatchNorm with several
+    processes; optional channels_last and torch.compile.
+
+    Returns `student`, `teacher` (plain modules), `student_ddp` (what gets gradients),
+    `student_fwd`/`teacher_fwd` (what is called: compiled or not) and `ema`.
+    """
+    deep_stages = [k for k in range(1, NUM_STAGES) if args.stage_weights[k - 1] != 0]
+    student = build_network(args, deep_stages)
+    crops = [args.global_crop_size] + ([args.local_crop_size] if args.local_crops_number else [])
+    for size in crops:
+        last = student.backbone.stage_shapes(size)[-1]
+        if math.prod(last) < 2:  # instance norm needs more than one voxel
+            raise SystemExit(f"crop size {list(size)} leaves a {last} map at stage 4 of "
+                             f"{args.arch}; instance norm needs at least 2 voxels: use larger "
+                             f"crops (e.g. 16 48 48 or more)")
+    teacher = build_network(args, [])
+    s_state = student.state_dict()
+    teacher.load_state_dict({k: s_state[k] for k in teacher.state_dict()})
+    teacher.requires_grad_(False)
+    if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only (heads' BN)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    student, teacher = student.to(device), teacher.to(device)
+    if args.channels_last and device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last_3d)
+        teacher = teacher.to(memory_format=torch.channels_last_3d)
+    student_ddp = student
+    if world > 1:
+        student_ddp = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    compile_ = torch.compile if args.compile else (lambda m: m)
+    return SimpleNamespace(student=student, teacher=teacher, student_ddp=student_ddp,
+                           student_fwd=compile_(student_ddp), teacher_fwd=compile_(teacher),
+                           ema=TeacherEMA(student, teacher))
+
+
+def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    """adamw, sgd (momentum 0.9) or lars over the regularised / not regularised groups;
+    learning rate and weight decay are set every iteration from the schedules."""
+    groups = utils.get_params_groups(model)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0, momentum=0.9)
+    return utils.LARS(groups)
+
+
 class TeacherEMA:
     """`t <- m t + (1 - m) s` for every teacher parameter, paired with the student's
-    parameter of the same name, in two fused `_foreach` calls."""
+    parameter of the same name, in one fused `_foreach` call."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module):
         s_params = dict(student.named_parameters())
@@ -232,8 +282,7 @@ class TeacherEMA:
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
-        torch._foreach_mul_(self.t, momentum)
-        torch._foreach_add_(self.t, self.s, alpha=1.0 - momentum)
+        torch._foreach_lerp_(self.t, self.s, 1.0 - momentum)  # one pass over memory
 
 
 # ============================================================================ loss
@@ -273,8 +322,10 @@ class DeSDLoss(nn.Module):
         q = F.softmax((t - self.center) / temp, dim=-1).detach()          # [2B, K]
         batch = q.shape[0] // 2
         q2 = q.reshape(2, batch * q.shape[1])
-        # every (teacher view i, student view v != i) pair
-        pair_mask = ~torch.eye(2, self.ncrops, dtype=torch.bool, device=q.device)
+        # every (teacher view i, student view v != i) pair, averaged; a weighted sum rather
+        # than boolean indexing, which would be a host sync on CUDA
+        pair_w = 1.0 - torch.eye(2, self.ncrops, device=q.device)
+        pair_w = pair_w / pair_w.sum()
         stage_terms: list[torch.Tensor] = []
         for s in student_output:
             if s is None:
@@ -282,7 +333,7 @@ class DeSDLoss(nn.Module):
                 continue
             logp = F.log_softmax(s.float() / self.student_temp, dim=-1)
             ce = -(q2 @ logp.reshape(self.ncrops, -1).T) / batch      # [2, ncrops], batch means
-            stage_terms.append(ce[pair_mask].mean())
+            stage_terms.append((ce * pair_w).sum())
         total = sum(w * term for w, term in zip(self.stage_weights, stage_terms))
 
         with torch.no_grad():
@@ -354,6 +405,8 @@ def train(args) -> None:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     amp_dtype = resolve_precision(args, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # crop sizes are fixed
     utils.print_rank0(f"DeSD: {world} process(es) on {device}, precision "
                       f"{amp_dtype or torch.float32}; arguments:\n"
                       + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
@@ -387,40 +440,11 @@ def train(args) -> None:
     utils.print_rank0(f"data: {len(dataset)} sub-volumes, {niter} iterations per epoch")
 
     # ------------------------------------------------------------------ networks
-    deep_stages = [k for k in range(1, NUM_STAGES) if args.stage_weights[k - 1] != 0]
-    student = build_network(args, deep_stages).to(device)
-    crop_sizes = [args.global_crop_size] + ([args.local_crop_size] if args.local_crops_number else [])
-    for size in crop_sizes:
-        last = student.backbone.stage_shapes(size)[-1]
-        if math.prod(last) < 2:  # instance norm needs more than one voxel
-            raise SystemExit(f"crop size {size} leaves a {last} map at stage 4 of {args.arch}; "
-                             f"instance norm needs at least 2 voxels: use larger crops "
-                             f"(e.g. 16 48 48 or more)")
-    teacher = build_network(args, []).to(device)
-    s_state = student.state_dict()
-    teacher.load_state_dict({k: s_state[k] for k in teacher.state_dict()})
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if args.channels_last and device.type == "cuda":
-        student = student.to(memory_format=torch.channels_last_3d)
-        teacher = teacher.to(memory_format=torch.channels_last_3d)
-    student_plain, teacher_plain = student, teacher
-    ema = TeacherEMA(student_plain, teacher_plain)
-    if world > 1:
-        if device.type == "cuda":  # SyncBatchNorm runs on GPUs only; the backbone has no BN
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-            student_plain, teacher_plain = student, teacher
-            ema = TeacherEMA(student_plain, teacher_plain)
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        student_fwd, teacher_fwd = torch.compile(student), torch.compile(teacher)
-    else:
-        student_fwd, teacher_fwd = student, teacher
+    nets = build_models(args, device, world)
+    student_plain, teacher_plain = nets.student, nets.teacher
     n_params = sum(p.numel() for p in student_plain.parameters()) / 1e6
     utils.print_rank0(f"student {args.arch}: {n_params:.1f}M parameters, heads on stages "
-                      f"{deep_stages + [NUM_STAGES]}")
+                      f"{sorted(int(k[5:]) for k in student_plain.deep_heads) + [NUM_STAGES]}")
 
     # ------------------------------------------------------------------ loss
     ncrops = 2 + args.local_crops_number
@@ -429,13 +453,7 @@ def train(args) -> None:
                          stage_weights=args.stage_weights).to(device)
 
     # ------------------------------------------------------------------ optimiser
-    groups = utils.get_params_groups(student_plain)
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups)
-    elif args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
-    else:
-        optimizer = utils.LARS(groups)
+    optimizer = build_optimizer(args, student_plain)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # ------------------------------------------------------------------ schedules
@@ -473,8 +491,9 @@ def train(args) -> None:
                           "pip install tensorboard")
 
     # ------------------------------------------------------------------ loop
-    ctx = dict(args=args, student=student, teacher=teacher, student_fwd=student_fwd,
-               teacher_fwd=teacher_fwd, ema=ema, loss_fn=desd_loss, optimizer=optimizer,
+    ctx = dict(args=args, student=nets.student_ddp, teacher=teacher_plain,
+               student_fwd=nets.student_fwd, teacher_fwd=nets.teacher_fwd, ema=nets.ema,
+               loss_fn=desd_loss, optimizer=optimizer,
                scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                momentum_schedule=momentum_schedule, loader=loader, niter=niter, device=device,
                amp_dtype=amp_dtype, augment=augment, aug_gen=aug_gen, rank=rank)
@@ -548,6 +567,33 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def to_device(loader, device: torch.device):
+    """Yield the loader's batches on `device`. On CUDA the next batch is copied on a side
+    stream while the current step runs (same-stream copies would wait for the step)."""
+    if device.type != "cuda":
+        for views in loader:
+            yield [v.to(device) for v in views]
+        return
+    stream = torch.cuda.Stream(device)
+    batches = iter(loader)
+
+    def copy_next():
+        views = next(batches, None)
+        if views is None:
+            return None
+        with torch.cuda.stream(stream):
+            return [v.to(device, non_blocking=True) for v in views]
+
+    nxt = copy_next()
+    while nxt is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)
+        for v in nxt:
+            v.record_stream(current)  # the caching allocator must not reuse it early
+        views, nxt = nxt, copy_next()
+        yield views
+
+
 def train_one_epoch(*, epoch, args, student, teacher, student_fwd, teacher_fwd, ema, loss_fn,
                     optimizer, scaler, lr_schedule, wd_schedule, momentum_schedule, loader, niter,
                     device, amp_dtype, augment, aug_gen, rank) -> dict:
@@ -562,7 +608,7 @@ def train_one_epoch(*, epoch, args, student, teacher, student_fwd, teacher_fwd, 
                      else torch.contiguous_format)
     world = utils.get_world_size()
     t_last, done_since = time.time(), 0
-    for i, views in enumerate(loader):
+    for i, views in enumerate(to_device(loader, device)):
         if i >= niter:
             break
         it = epoch * niter + i
@@ -570,7 +616,6 @@ def train_one_epoch(*, epoch, args, student, teacher, student_fwd, teacher_fwd, 
             group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the regularised group gets weight decay
                 group["weight_decay"] = float(wd_schedule[it])
-        views = [v.to(device, non_blocking=True) for v in views]
         if augment is not None:
             aug_gen.manual_seed(utils.sub_seed(args.seed, rank, epoch, i))
             with torch.no_grad():

@@ -1,0 +1,183 @@
+"""End-to-end throughput of a short real epoch: files -> DeepLesionSSL -> DataLoader -> step.
+
+    python benchmarks/bench_epoch.py                       # GPU: res3d50, batch 32, out_dim 60000, 10 workers
+    python benchmarks/bench_epoch.py --format nii.gz nii npy --workers 4 8 12
+    python benchmarks/bench_epoch.py --device cpu          # CPU: res3d10, batch 2, out_dim 1024, 2 workers
+
+Synthetic CT sub-volumes of 24x288x288 int16 (DeepLesion tiles after the central crop,
+`synthetic_ct.phantom`) are written with `splitting_to_patches.write_tile` in each
+`--format` into a temporary folder; a list file cycles over them. The real
+`DeepLesionSSL` (augment_on device) and a DataLoader set up as `main_desd.train` does
+(DistributedSampler, drop_last, pinned memory on CUDA, persistent workers, prefetch 4,
+the trainer's worker seeding) feed the training step of `bench_train.StepBench`, which
+is `main_desd.train_one_epoch` itself. Three rates, so the bottleneck shows:
+
+- loader only: the DataLoader iterated without the step (per worker = / workers);
+- step only: the step on one cached (pinned) batch, no loader;
+- end to end: the step fed by the DataLoader.
+
+Medians over `--iters` per-batch intervals after `--warmup`; "wall" is the mean over the
+same interval (loader stalls are bursty, so both are shown). The files are in the page
+cache: disk speed is not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import bench_train as bt  # noqa: E402
+import splitting_to_patches  # noqa: E402
+import utils  # noqa: E402
+from data_loader_ssl import DeepLesionSSL  # noqa: E402
+from synthetic_ct import phantom  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("bench_epoch", add_help=False)
+    p.add_argument("--format", nargs="+", default=["nii.gz"], choices=["nii.gz", "nii", "npy"],
+                   help="Storage formats to time (nii.gz is the published one).")
+    p.add_argument("--files", type=int, default=32, help="Distinct sub-volumes written (cycled).")
+    p.add_argument("--shape", type=int, nargs=3, default=[24, 288, 288], metavar=("D", "H", "W"),
+                   help="Sub-volume size, (z, y, x) (published tile after the central crop).")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="DataLoader worker counts to time (default: 10 on GPU as published, 2 on CPU).")
+    p.add_argument("--prefetch", type=int, default=4, help="Batches prefetched per worker (trainer: 4).")
+    p.add_argument("--arch", default=None, help="Backbone (default: res3d50 on GPU, res3d10 on CPU).")
+    p.add_argument("--batch", type=int, default=None, help="Samples per step (default: 32 GPU, 2 CPU).")
+    p.add_argument("--out_dim", type=int, default=None, help="Prototypes (default: 60000 GPU, 1024 CPU).")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="Step precision (default: bf16 on a GPU that supports it, else fp32).")
+    p.add_argument("--channels_last", default=False, type=utils.bool_flag,
+                   help="channels_last_3d (the trainer applies it on CUDA only).")
+    p.add_argument("--compile", default=False, type=utils.bool_flag,
+                   help="torch.compile the networks (give --warmup >= 3).")
+    p.add_argument("--warmup", type=int, default=None, help="Untimed batches (default: 5 GPU, 2 CPU).")
+    p.add_argument("--iters", type=int, default=None, help="Timed batches (default: 30 GPU, 5 CPU).")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the main process (default: torch's; on a shared CPU "
+                        "1 avoids spinning threads; workers always use 1).")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the dataset's draws.")
+    return p
+
+
+def write_volumes(folder: str, n: int, fmt: str, shape) -> list[str]:
+    names = []
+    for k in range(n):
+        hu, _ = phantom(tuple(shape), (1.0, 1.0, 1.0), np.random.default_rng(k))
+        name = f"vol{k:03d}_dep0.{fmt}"
+        splitting_to_patches.write_tile(hu, os.path.join(folder, name), fmt)
+        names.append(name)
+    return names
+
+
+def make_loader(dataset, batch, workers, prefetch, device, seed):
+    """The DataLoader of `main_desd.train` for one process."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=batch, drop_last=True, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=prefetch if workers > 0 else None,
+        worker_init_fn=functools.partial(utils.seed_worker, base_seed=utils.sub_seed(seed, 0)))
+
+
+def rates(timed: bt.TimedBatches, skip: int, batch: int) -> tuple[float, float, float]:
+    """(median seconds per batch, samples/s from it, samples/s over the whole interval)."""
+    secs = timed.step_seconds(skip)
+    med = statistics.median(secs)
+    return med, batch / med, batch * len(secs) / sum(secs)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser("bench_epoch", parents=[get_args_parser()],
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    args = parser.parse_args(argv)
+    device = bt.resolve_device(args.device)
+    gpu = device.type == "cuda"
+    args.workers = args.workers or ([10] if gpu else [2])
+    args.arch = args.arch or ("res3d50" if gpu else "res3d10")
+    args.batch = args.batch or (32 if gpu else 2)
+    args.out_dim = args.out_dim or (60000 if gpu else 1024)
+    if args.precision is None:
+        args.precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    args.iters = args.iters or (30 if gpu else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    crop = (16, 96, 96)
+    n = args.warmup + args.iters
+    targs = bt.trainer_args(args.arch, args.batch, args.out_dim, crop, 0, args.precision,
+                            args.channels_last, args.compile, niter=n)
+    # One step object for every row: the step-only and end-to-end rows time the same networks.
+    bench = bt.StepBench(targs, device, n)
+    flop, flop_src = bt.step_flop(args.arch, args.batch, args.out_dim, crop, 0, device)
+    peak = bt.peak_tflops(device, args.precision)
+
+    def mfu(med):
+        return f"{100 * flop / med / 1e12 / peak:.1f}%" if peak else "n/a"
+
+    rows, step_row = [], None
+    with tempfile.TemporaryDirectory(prefix="bench_epoch_") as tmp:
+        for fmt in args.format:
+            t0 = time.perf_counter()
+            names = write_volumes(tmp, args.files, fmt, args.shape)
+            need = (n + 2) * args.batch
+            list_file = os.path.join(tmp, f"list_{fmt}.txt")
+            with open(list_file, "w") as f:
+                f.write("\n".join(names[k % len(names)] for k in range(max(need, len(names)))) + "\n")
+            print(f"  wrote {args.files} {fmt} files in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
+            dataset = DeepLesionSSL(tmp, list_file, global_crop_size=crop, augment_on="device",
+                                    seed=args.seed, rank=0)
+            dataset.set_epoch(0)
+            for workers in args.workers:
+                loader = make_loader(dataset, args.batch, workers, args.prefetch, device, args.seed)
+                timed = bt.TimedBatches(loader, n, device)
+                cached = None
+                for views in timed:
+                    cached = cached if cached is not None else views
+                med, sps, wall = rates(timed, args.warmup, args.batch)
+                rows.append([fmt, str(workers), "loader only", f"{med * 1e3:.1f}", f"{sps:.1f}",
+                             f"{wall:.1f}", f"{sps / max(workers, 1):.1f}", "-"])
+                if step_row is None:
+                    timed = bt.TimedBatches(cached, n, device, repeat=True)
+                    bench.run(timed)
+                    med, sps, wall = rates(timed, args.warmup, args.batch)
+                    step_row = ["(cached batch)", "-", "step only", f"{med * 1e3:.1f}", f"{sps:.1f}",
+                                f"{wall:.1f}", "-", mfu(med)]
+                timed = bt.TimedBatches(loader, n, device)
+                bench.run(timed)
+                med, sps, wall = rates(timed, args.warmup, args.batch)
+                rows.append([fmt, str(workers), "end to end", f"{med * 1e3:.1f}", f"{sps:.1f}",
+                             f"{wall:.1f}", "-", mfu(med)])
+                print(f"  done: {fmt}, {workers} workers", file=sys.stderr, flush=True)
+                del loader  # ends its persistent workers
+            for name in set(names):
+                os.remove(os.path.join(tmp, name))
+    rows.insert(0, step_row)
+    notes = [f"medians over {args.iters} batches after {args.warmup} warm-up batches; wall = mean over "
+             f"the same batches; torch threads in the main process: {torch.get_num_threads()}",
+             f"FLOP per step {flop / 1e12:.4f} TFLOP ({flop_src}); "
+             + ("MFU vs the dense peak of the GPU" if peak else "MFU n/a (no honest peak for this device)"),
+             "files in the page cache: disk reads are not measured"]
+    bt.print_table(f"Epoch throughput: {args.arch}, batch {args.batch}, out_dim {args.out_dim}, "
+                   f"{args.precision}, channels_last {args.channels_last}, compile {args.compile}, "
+                   f"{'x'.join(map(str, args.shape))} int16 sub-volumes, {args.files} files, device {device}",
+                   ["format", "workers", "what", "median ms/batch", "samples/s", "wall samples/s",
+                    "per worker", "MFU"], rows, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,621 @@
+"""Frozen-encoder probes on every stage: what pre-training bought, stage by stage.
+
+    # random initialisation vs two pre-training runs, on the synthetic organ phantoms (CPU, ~1 min)
+    python eval_probe.py random runs/dino/checkpoint.pth runs/desd/checkpoint.pth \
+        --names random DINO DeSD --arch res3d10 --out_dir probe_output
+    # the released teacher (or any .safetensors backbone) on an MSD task, on a GPU
+    python eval_probe.py DeSD_Res50.pth --arch res3d50 --data_dir Task09_Spleen \
+        --patch_size 64 128 128 --patches_per_case 32 --epochs 100 --out_dir probe_spleen
+
+DeSD's claim is that distilling into every stage makes the shallow stages better, not only
+the last one; these probes measure it without fine-tuning anything. Each CHECKPOINT is
+main_desd.py's `checkpoint.pth` (its teacher), a backbone `.safetensors`
+(export_backbone.py), the released DeSD checkpoint, or the word `random` (a seeded random
+initialisation, the baseline). The encoder is frozen (eval mode, `torch.no_grad()`, bf16
+autocast on CUDA); each stage's feature map is extracted once, in batches, on fixed
+patches (`--patches_per_case` per case, most of them centred on an organ voxel,
+deterministic for `--seed`), and per stage two probes are trained on the cached features:
+
+- linear: a 1x1x1 convolution on the stage map (channels standardised with the training
+  features' statistics), its logits upsampled trilinearly to the label grid, trained with
+  cross-entropy (Adam, `--epochs` passes over `--probe_voxels` voxels drawn from the
+  training patches: the two maps are linear, so the upsampled features at those voxels
+  give exactly the model's logits there); Dice per foreground class and their mean on the
+  held-out cases' patches, predicted on full maps (voxel counts pooled over patches);
+- k-NN: the stage map averaged over space, cosine similarity, the k nearest training
+  patches vote with weights exp(similarity / T) as in DINO's k-NN evaluation; the label of
+  a patch is its dominant organ (the most frequent foreground class, or background when
+  foreground covers less than `--knn_min_fg` of it); accuracy on the held-out patches.
+
+The last `--val_fraction` of the cases (sorted by name) is held out, as in
+finetune_example.py. Data are prepared as for fine-tuning (resampled to `--spacing` mm, HU
+clipped to [-1024, 1024] / 1024) and cached under `OUT_DIR/preprocessed/`.
+
+Output: one table on stdout (rows: stages 1-4; per checkpoint a column group: Dice of each
+class, mean Dice, k-NN accuracy), and in OUT_DIR `probe_results.csv` (one row per
+checkpoint and stage: `checkpoint, stage, dice_<class>..., dice_mean, knn_acc`),
+`probe_results.json` (the same plus the settings; what `main()` returns) and
+`probe_results.png` (bar charts; skipped with a notice when matplotlib is not installed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune_example import (PretrainedLoadError, backbone_only, deepest_stage_size,
+                              extract_backbone_state, infer_arch, list_cases, load_cases,
+                              load_pretrained_encoder, random_patch, read_checkpoint, to_input)
+from models import ARCHS, build_backbone
+
+NUM_STAGES = 4
+RANDOM = "random"
+
+
+class ProbeError(ValueError):
+    """A checkpoint or data set the probe refuses, with what to do about it."""
+
+
+# ----------------------------------------------------------------------------- encoders
+def declared_arch(path: Path, checkpoint) -> str | None:
+    """The depth a checkpoint says it is: `args['arch']` of a trainer checkpoint (a dict,
+    or the released checkpoint's Namespace) or the `arch` metadata of a .safetensors file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            arch = (f.metadata() or {}).get("arch")
+    else:
+        args = checkpoint.get("args") if hasattr(checkpoint, "get") else None
+        arch = args.get("arch") if isinstance(args, dict) else getattr(args, "arch", None)
+    # Names outside ARCHS (the release says "resnet3d50") are left to the weights to tell.
+    return arch if arch in ARCHS else None
+
+
+def check_arch(path: str | os.PathLike, arch: str, which: str | None = None) -> str:
+    """Refuse a checkpoint whose backbone is not `arch`; return the network read ('teacher'...).
+
+    The depth comes from the checkpoint's args or metadata and from its tensor names
+    (`infer_arch`); both must agree with `arch` when known, and at least one must be known.
+    A deeper checkpoint of the same block type would otherwise load in part, silently.
+    """
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    state, source = extract_backbone_state(checkpoint, which)
+    inferred, declared = infer_arch(backbone_only(state)), declared_arch(path, checkpoint)
+    for found, how in ((declared, "its args/metadata"), (inferred, "its weights")):
+        if found is not None and found != arch:
+            raise ProbeError(f"{path}: the checkpoint's backbone is {found} (from {how}) but "
+                             f"--arch is {arch}; pass --arch {found} or another checkpoint")
+    if declared is None and inferred is None:
+        raise ProbeError(f"{path}: cannot tell the depth of its {source} (its layer block "
+                         f"counts match none of {', '.join(ARCHS)}); is it a DeSD backbone?")
+    return source
+
+
+def default_name(spec: str) -> str:
+    """'random'; the run folder for the files main_desd.py/export_backbone.py write
+    (runs/dino/checkpoint.pth -> dino); otherwise the file name without its suffix."""
+    if spec == RANDOM:
+        return RANDOM
+    path = Path(spec)
+    generic = path.name.startswith("checkpoint") or path.name.endswith("_backbone.safetensors")
+    parent = path.resolve().parent.name
+    return parent if generic and parent else path.name.split(".")[0]
+
+
+def build_encoder(spec: str, arch: str, seed: int, which: str | None = None) -> nn.Module:
+    """The frozen encoder for `spec` ('random' or a checkpoint path), in eval mode."""
+    torch.manual_seed(seed)  # 'random' is the same network for the same seed
+    encoder = build_backbone(arch)
+    if spec != RANDOM:
+        summary = load_pretrained_encoder(encoder, spec, which)
+        if summary["n_loaded"] != summary["n_model"]:
+            raise ProbeError(f"{spec}: only {summary['n_loaded']} of the encoder's "
+                             f"{summary['n_model']} tensors were in the checkpoint; a probe of a "
+                             f"half-loaded encoder would mislead")
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+# ----------------------------------------------------------------------------- data
+def sample_patches(cases: Sequence, patch_size: Sequence[int], per_case: int,
+                   fg_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`per_case` patches of every case (int16 HU, uint8 labels), stacked.
+
+    Each case draws from its own generator seeded by (seed, case index), so the patches
+    depend only on the seed and the case, not on the other cases or the checkpoint.
+    """
+    images, labels = [], []
+    for i, case in enumerate(cases):
+        rng = np.random.default_rng([seed, i])
+        for _ in range(per_case):
+            img, seg = random_patch(case, patch_size, fg_fraction, rng)
+            images.append(img)
+            labels.append(seg)
+    return np.stack(images), np.stack(labels)
+
+
+def dominant_label(labels: np.ndarray, num_classes: int, min_fg: float = 0.01) -> np.ndarray:
+    """Per patch (`labels`: N x D x H x W): the most frequent foreground class, or 0 when
+    foreground covers less than `min_fg` of the patch (every patch is mostly background,
+    so a plain majority vote would call them all background)."""
+    flat = labels.reshape(len(labels), -1).astype(np.int64)
+    counts = np.stack([np.bincount(row, minlength=num_classes)[:num_classes] for row in flat])
+    fg = counts[:, 1:]
+    label = fg.argmax(1) + 1
+    label[fg.sum(1) < min_fg * flat.shape[1]] = 0
+    return label
+
+
+# ----------------------------------------------------------------------------- features
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int,
+                     device: torch.device) -> list[torch.Tensor]:
+    """The four stage maps of every patch (float32, CPU): [N x C_s x d_s x h_s x w_s]."""
+    from tqdm import tqdm
+    encoder.to(device)
+    stages: list[list[torch.Tensor]] = [[] for _ in range(NUM_STAGES)]
+    for start in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
+        x = to_input(images[start:start + batch_size])[:, None].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            maps = encoder.forward_features(x)
+        for s, m in enumerate(maps):
+            stages[s].append(m.float().cpu())  # GPU->CPU sync, once per batch
+    return [torch.cat(s) for s in stages]
+
+
+# ----------------------------------------------------------------------------- k-NN
+def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, k: int = 20,
+                 temperature: float = 0.07, num_classes: int | None = None) -> torch.Tensor:
+    """Weighted k-NN on cosine similarity, after DINO's `knn_classifier` (eval_knn.py).
+
+    The k most similar training samples vote for their label with weight
+    exp(similarity / temperature); k is capped at the number of training samples.
+    Returns the predicted label of each test sample.
+    """
+    num_classes = num_classes or int(train_y.max()) + 1
+    sim = F.normalize(test_x.float(), dim=1) @ F.normalize(train_x.float(), dim=1).T
+    top, idx = sim.topk(min(k, len(train_x)), dim=1)
+    votes = torch.zeros(len(test_x), num_classes, dtype=torch.float64)
+    votes.scatter_add_(1, train_y[idx].long(), (top.double() / temperature).exp())
+    return votes.argmax(1)
+
+
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                 test_y: torch.Tensor, k: int = 20, temperature: float = 0.07,
+                 num_classes: int | None = None) -> float:
+    """Fraction of test samples whose k-NN label (`knn_classify`) is right."""
+    pred = knn_classify(train_x, train_y, test_x, k, temperature, num_classes)
+    return float((pred == test_y.long()).double().mean())
+
+
+# ----------------------------------------------------------------------------- linear probe
+def upsampled_at(feats: torch.Tensor, size: Sequence[int], n_per_patch: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage features upsampled (trilinearly) to the label grid `size`, at `n_per_patch`
+    random voxels of every patch: [N * n_per_patch x C], and the flat voxel indices
+    [N x n_per_patch].
+
+    Exactly what `F.interpolate(feats, size, mode="trilinear", align_corners=False)` gives
+    at those voxels (grid_sample with the same half-voxel convention and a clamped border),
+    without materialising the upsampled map: C x D x H x W per patch is what made
+    training on full maps slow and memory-bound.
+    """
+    n, c = feats.shape[:2]
+    idx = torch.randint(0, math.prod(size), (n, n_per_patch), generator=generator)
+    coords = torch.stack(torch.unravel_index(idx, tuple(size)), dim=-1)     # N x V x (z, y, x)
+    extent = torch.tensor(size, dtype=torch.float32)
+    grid = ((coords + 0.5) / extent * 2 - 1).flip(-1)                     # grid_sample: (x, y, z)
+    out = F.grid_sample(feats, grid[:, None, None].to(feats.dtype), mode="bilinear",
+                        padding_mode="border", align_corners=False)     # N x C x 1 x 1 x V
+    return out.reshape(n, c, n_per_patch).transpose(1, 2).reshape(-1, c), idx
+
+
+class LinearProbe(nn.Module):
+    """1x1x1 convolution on standardised stage features; logits upsampled to the labels.
+
+    The standardisation (per channel, from the training features) is a fixed affine map,
+    so the probe stays linear in the features; it only makes Adam's job the same for
+    every stage whatever the scale of its features.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean", mean.reshape(-1))
+        self.register_buffer("std", std.reshape(-1).clamp_min(1e-6))
+        self.conv = nn.Conv3d(len(self.mean), num_classes, kernel_size=1)
+
+    def forward(self, feats: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Logits of stage maps [N x C x d x h x w], upsampled to `size`."""
+        shape = (1, -1, 1, 1, 1)
+        logits = self.conv((feats - self.mean.view(shape)) / self.std.view(shape))
+        return F.interpolate(logits, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int,
+                       batch_size: int, lr: float, n_voxels: int, seed: int,
+                       device: torch.device) -> LinearProbe:
+    """Fit a `LinearProbe` on stage maps `feats` [N x C x ...] to `labels` [N x D x H x W]
+    with cross-entropy and Adam.
+
+    Because 1x1x1 convolution and trilinear upsampling are both linear (and the upsampling
+    weights sum to one), upsample(conv(f)) = conv(upsample(f)): the probe is trained on the
+    upsampled features at `n_voxels` voxels drawn uniformly from the training patches
+    (the same model and loss as on full maps, estimated on a sample), in `epochs` passes of
+    shuffled mini-batches of `batch_size` voxels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    per_patch = max(1, n_voxels // len(feats))
+    x, idx = upsampled_at(feats, labels.shape[1:], per_patch, gen)
+    y = labels.reshape(len(labels), -1).gather(1, idx).reshape(-1)
+    x, y = x.to(device), y.to(device)
+    torch.manual_seed(seed)
+    probe = LinearProbe(x.mean(0), x.std(0), num_classes).to(device)
+    x = (x - probe.mean) / probe.std  # once here rather than at every step
+    weight, bias = probe.conv.weight, probe.conv.bias
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    # Steps this small are slower with several CPU threads than with one (thread start and
+    # sync outweigh the work; measured 10-20x on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for _ in range(epochs):
+            for batch in torch.randperm(len(x), generator=gen).split(batch_size):
+                batch = batch.to(device)
+                logits = F.linear(x[batch], weight.flatten(1), bias)
+                loss = F.cross_entropy(logits, y[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return probe.eval()
+
+
+@torch.no_grad()
+def linear_probe_dice(probe: LinearProbe, feats: torch.Tensor, labels: torch.Tensor,
+                      num_classes: int, batch_size: int, device: torch.device) -> np.ndarray:
+    """Dice of each foreground class with voxel counts pooled over all patches (NaN where
+    a class is in neither the prediction nor the labels)."""
+    inter = torch.zeros(num_classes, dtype=torch.float64)
+    total = torch.zeros(num_classes, dtype=torch.float64)
+    for start in range(0, len(feats), batch_size):
+        y = labels[start:start + batch_size]
+        pred = probe(feats[start:start + batch_size].to(device), y.shape[1:]).argmax(1).cpu()
+        inter += torch.bincount(y[pred == y].flatten(), minlength=num_classes)[:num_classes]
+        total += torch.bincount(pred.flatten(), minlength=num_classes)[:num_classes]
+        total += torch.bincount(y.flatten(), minlength=num_classes)[:num_classes]
+    dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.tensor(float("nan")))
+    return dice[1:].numpy()
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+# ----------------------------------------------------------------------------- outputs
+def result_columns(class_names: Sequence[str]) -> list[str]:
+    """The columns of the table for one checkpoint (and of the CSV after checkpoint, stage)."""
+    return [f"dice_{n}" for n in class_names[1:]] + ["dice_mean", "knn_acc"]
+
+
+def format_table(results: dict) -> str:
+    """Rows: stages 1-4; one column group per checkpoint."""
+    cols = result_columns(results["class_names"])
+    short = [c.removeprefix("dice_") for c in cols[:-1]] + ["kNN"]
+    width = max(7, *(len(c) for c in short))
+    group_w = len(cols) * (width + 1) - 1
+    names = [c["name"] for c in results["checkpoints"]]
+    lines = ["stage | " + " | ".join(n[:group_w].center(group_w) for n in names),
+             "      | " + " | ".join(" ".join(c.rjust(width) for c in short) for _ in names)]
+    lines.append("-" * len(lines[1]))
+    for s in range(NUM_STAGES):
+        cells = [" ".join(f"{c['stages'][s][col]:{width}.3f}" for col in cols)
+                 for c in results["checkpoints"]]
+        lines.append(f"{s + 1:>5} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def csv_rows(results: dict) -> list[dict]:
+    return [{"checkpoint": c["name"], **stage} for c in results["checkpoints"]
+            for stage in c["stages"]]
+
+
+def _json_safe(obj):
+    """NaN (a class absent from prediction and labels) as null: strict JSON has no NaN."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_outputs(results: dict, out_dir: Path) -> list[Path]:
+    """probe_results.csv and .json (atomically), and the PNG when matplotlib is installed."""
+    written = []
+    rows = csv_rows(results)
+    tmp = out_dir / "probe_results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["checkpoint", "stage",
+                                               *result_columns(results["class_names"])])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out_dir / "probe_results.csv")
+    written.append(out_dir / "probe_results.csv")
+    tmp = out_dir / "probe_results.json.tmp"
+    tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, out_dir / "probe_results.json")
+    written.append(out_dir / "probe_results.json")
+    png = plot_results(results, out_dir / "probe_results.png")
+    if png is not None:
+        written.append(png)
+    return written
+
+
+def plot_results(results: dict, out: Path) -> Path | None:
+    """Grouped bars per stage: linear-probe mean Dice and k-NN accuracy, one colour per
+    checkpoint. Returns None (with a notice) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: probe_results.png skipped "
+              "(pip install matplotlib to get it)")
+        return None
+    ckpts = results["checkpoints"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(ckpts)
+    stages = np.arange(1, NUM_STAGES + 1)
+    for ax, key, title in zip(axes, ("dice_mean", "knn_acc"),
+                              ("linear probe: mean Dice (held out)", "k-NN accuracy (held out)")):
+        for j, c in enumerate(ckpts):
+            values = [np.nan_to_num(st[key]) for st in c["stages"]]
+            ax.bar(stages + (j - (len(ckpts) - 1) / 2) * width, values, width, label=c["name"])
+        if key == "knn_acc":
+            ax.axhline(results["knn_chance"], color="grey", linestyle="--", linewidth=1,
+                       label="chance (commonest label)")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xticks(stages, [f"stage {s}" for s in stages])
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"frozen {results['settings']['arch']} probes per stage")
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("DeSD per-stage probes", add_help=False)
+    p.add_argument("checkpoints", nargs="*", default=[RANDOM], metavar="CHECKPOINT",
+                   help="checkpoints to probe, side by side: main_desd.py's checkpoint.pth (its "
+                        "teacher), a backbone .safetensors, the released DeSD checkpoint, or "
+                        "'random' for a seeded random initialisation (default: random)")
+    p.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                   help="one column-group name per checkpoint (default: 'random', the run "
+                        "folder of a checkpoint.pth or *_backbone.safetensors, else the file name)")
+    p.add_argument("--which", default=None, choices=("teacher", "student"),
+                   help="network of a trainer checkpoint to probe (default: the teacher, the "
+                        "one DeSD evaluates)")
+    p.add_argument("--arch", default="res3d10", choices=list(ARCHS),
+                   help="encoder depth; every checkpoint must be this depth (the released "
+                        "DeSD_Res50: res3d50); res3d10 is what the CPU demo pre-trains")
+    p.add_argument("--data_dir", default=None, type=str,
+                   help="MSD-style folder (imagesTr/*.nii.gz, labelsTr/*.nii.gz, optional "
+                        "dataset.json); without it the synthetic organ phantoms are generated "
+                        "into OUT_DIR")
+    p.add_argument("--num_classes", default=None, type=int,
+                   help="classes including background (default: from dataset.json, else the "
+                        "largest label + 1)")
+    p.add_argument("--patch_size", default=(16, 48, 48), type=int, nargs=3,
+                   metavar=("D", "H", "W"),
+                   help="probe patch in voxels; the last stage (D/16 x H/32 x W/32) must keep "
+                        "more than one voxel. Small for a CPU; e.g. 64 128 128 on a GPU")
+    p.add_argument("--patches_per_case", default=12, type=int,
+                   help="fixed patches drawn from every case; more gives steadier numbers and "
+                        "costs feature extraction time and memory (the maps are cached)")
+    p.add_argument("--fg_fraction", default=0.8, type=float,
+                   help="fraction of patches centred on a foreground voxel of a random class, "
+                        "so small organs are seen (0: uniform)")
+    p.add_argument("--val_fraction", default=1 / 3, type=float,
+                   help="fraction of the cases (the last ones by name) held out for evaluation")
+    p.add_argument("--spacing", default=(1.0, 1.0, 1.0), type=float, nargs=3,
+                   metavar=("Z", "Y", "X"), help="voxel size in mm (pre-training used 1 mm)")
+    p.add_argument("--epochs", default=40, type=int,
+                   help="passes of the linear probe over its training voxels (Adam steps = "
+                        "epochs x probe_voxels / probe_batch_size; a few hundred are enough "
+                        "for a linear classifier)")
+    p.add_argument("--probe_voxels", default=32768, type=int,
+                   help="voxels drawn uniformly from the training patches to fit the linear "
+                        "probe on (its features upsampled exactly as at evaluation); more is "
+                        "closer to training on every voxel and costs memory (x channels)")
+    p.add_argument("--probe_batch_size", default=4096, type=int,
+                   help="voxels per linear-probe Adam step")
+    p.add_argument("--probe_lr", default=1e-2, type=float,
+                   help="Adam learning rate of the linear probe (features are standardised, "
+                        "so one rate suits every stage)")
+    p.add_argument("--knn_k", default=5, type=int,
+                   help="neighbours of the k-NN probe (DINO uses 20 with thousands of images; "
+                        "keep it well below the number of training patches)")
+    p.add_argument("--knn_temperature", default=0.07, type=float,
+                   help="temperature of the k-NN vote weights exp(cos / T) (DINO: 0.07)")
+    p.add_argument("--knn_min_fg", default=0.01, type=float,
+                   help="a patch whose foreground covers less than this fraction is labelled "
+                        "background for the k-NN probe")
+    p.add_argument("--batch_size", default=8, type=int,
+                   help="patches per forward pass of the frozen encoder")
+    p.add_argument("--n_synthetic", default=6, type=int,
+                   help="cases in the synthetic set (without --data_dir)")
+    p.add_argument("--synthetic_size", default=96, type=int,
+                   help="in-plane size of the synthetic cases in voxels")
+    p.add_argument("--synthetic_slices", default=32, type=int, help="slices per synthetic case")
+    p.add_argument("--out_dir", default="probe_output", type=str,
+                   help="where the synthetic set, the preprocessing cache and probe_results.* go")
+    p.add_argument("--seed", default=0, type=int,
+                   help="seed of the synthetic set, the patches, the random encoder and the "
+                        "probes: the same seed gives the same numbers")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device; bf16 autocast is used on CUDA")
+    p.add_argument("--num_threads", default=0, type=int,
+                   help="CPU threads for PyTorch (0: PyTorch's default)")
+    return p
+
+
+def _data_dir(args, out_dir: Path) -> Path:
+    if args.data_dir is not None:
+        data_dir = Path(args.data_dir)
+        if not data_dir.is_dir():
+            raise SystemExit(f"eval_probe.py: error: --data_dir {data_dir} is not a folder")
+        return data_dir
+    from synthetic_ct import make_labelled_set
+    data_dir = out_dir / (f"synthetic_labelled_n{args.n_synthetic}_s{args.synthetic_size}"
+                          f"_z{args.synthetic_slices}_seed{args.seed}")
+    if not (data_dir / "dataset.json").is_file():  # written last: its presence means complete
+        print(f"no --data_dir: generating {args.n_synthetic} synthetic labelled cases "
+              f"into {data_dir}")
+        make_labelled_set(data_dir, n_cases=args.n_synthetic, size=args.synthetic_size,
+                          n_slices=args.synthetic_slices, seed=args.seed)
+    return data_dir
+
+
+def _class_names(data_dir: Path, num_classes: int | None, max_label: int) -> list[str]:
+    labels = {}
+    meta = data_dir / "dataset.json"
+    if meta.is_file():
+        labels = {int(k): str(v) for k, v in json.loads(meta.read_text()).get("labels", {}).items()
+                  if str(k).isdigit()}
+    num_classes = num_classes or (max(labels) + 1 if labels else 0) or max_label + 1
+    if max_label >= num_classes:
+        raise SystemExit(f"eval_probe.py: error: labels in {data_dir} go up to {max_label} but "
+                         f"there are {num_classes} classes; pass --num_classes {max_label + 1}")
+    return [labels.get(c, f"class{c}").replace(",", " ") for c in range(num_classes)]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser("DeSD per-stage probes", parents=[get_args_parser()],
+                                     description=__doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    if math.prod(deepest_stage_size(args.patch_size)) <= 1:
+        parser.error(f"--patch_size {args.patch_size} is too small: the last stage would be one "
+                     f"voxel, which instance norm cannot normalise; use D >= 32 or H or W >= 64 "
+                     f"(or D = 16 with H, W >= 48)")
+    names = args.names or [default_name(c) for c in args.checkpoints]
+    if len(names) != len(args.checkpoints):
+        parser.error(f"--names gives {len(names)} names for {len(args.checkpoints)} checkpoints")
+    if len(set(names)) != len(names):
+        names = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+
+    # ---------------------------------------------------------------- checkpoints
+    # Checked before the data are prepared, so a wrong checkpoint fails in seconds.
+    try:
+        for spec in args.checkpoints:
+            if spec != RANDOM:
+                check_arch(spec, args.arch, args.which)
+    except (PretrainedLoadError, ProbeError) as e:  # both name the file and what to do
+        raise SystemExit(f"eval_probe.py: error: {e}") from None
+
+    # ---------------------------------------------------------------- data
+    data_dir = _data_dir(args, out_dir)
+    list_cases(data_dir)  # refuses an empty folder or images without labels, by name
+    key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]
+    cache = out_dir / "preprocessed" / ("_".join([data_dir.name, key] +
+                                                 [f"{s:g}" for s in args.spacing]))
+    cases = load_cases(data_dir, cache, args.spacing, args.seed)
+    if len(cases) < 2:
+        raise SystemExit(f"eval_probe.py: error: {data_dir} has {len(cases)} case(s); the probe "
+                         f"needs at least 2 (training + held out)")
+    max_label = max(int(np.max(c.labels)) for c in cases)
+    if max_label == 0:
+        raise SystemExit(f"eval_probe.py: error: the labels in {data_dir / 'labelsTr'} are all "
+                         f"background: the probe needs labelled organs")
+    class_names = _class_names(data_dir, args.num_classes, max_label)
+    num_classes = len(class_names)
+    n_val = min(len(cases) - 1, max(1, round(len(cases) * args.val_fraction)))
+    splits = {"train": cases[:-n_val], "val": cases[-n_val:]}
+    patches = {k: sample_patches(v, args.patch_size, args.patches_per_case, args.fg_fraction,
+                                 args.seed + (k == "val"))
+               for k, v in splits.items()}
+    labels = {k: torch.from_numpy(seg.astype(np.int64)) for k, (_, seg) in patches.items()}
+    dominant = {k: torch.from_numpy(dominant_label(seg, num_classes, args.knn_min_fg))
+                for k, (_, seg) in patches.items()}
+    counts = np.bincount(dominant["val"].numpy(), minlength=num_classes)
+    chance = float(counts.max() / counts.sum())  # k-NN accuracy of always the commonest label
+    print(f"{len(splits['train'])} training and {len(splits['val'])} held-out cases "
+          f"({', '.join(c.name for c in splits['val'])}); {len(labels['train'])} + "
+          f"{len(labels['val'])} patches of {tuple(args.patch_size)}; classes: "
+          f"{', '.join(class_names)}")
+    print("held-out patches by dominant organ: " + ", ".join(
+        f"{n} {c}" for n, c in zip(class_names, counts)) + f" (k-NN chance level {chance:.3f})")
+
+    # ---------------------------------------------------------------- probes
+    cols = result_columns(class_names)
+    results = {"class_names": class_names, "columns": ["checkpoint", "stage", *cols],
+               "knn_chance": chance, "checkpoints": [], "settings": {
+                   k: (list(v) if isinstance(v, (tuple, list)) else v)
+                   for k, v in vars(args).items() if k not in ("device", "num_threads")}}
+    results["settings"].update(names=names, data_dir=str(data_dir))
+    results["settings"]["held_out"] = [c.name for c in splits["val"]]
+    for spec, name in zip(args.checkpoints, names):
+        print(f"== {name}: {spec}")
+        t0 = time.time()
+        try:
+            encoder = build_encoder(spec, args.arch, args.seed, args.which)
+        except (PretrainedLoadError, ProbeError) as e:
+            raise SystemExit(f"eval_probe.py: error: {e}") from None
+        feats = {k: extract_features(encoder, images, args.batch_size, device)
+                 for k, (images, _) in patches.items()}
+        t1 = time.time()
+        stages = []
+        for s in range(NUM_STAGES):
+            probe = train_linear_probe(feats["train"][s], labels["train"], num_classes,
+                                       args.epochs, args.probe_batch_size, args.probe_lr,
+                                       args.probe_voxels, args.seed + s, device)
+            dice = linear_probe_dice(probe, feats["val"][s], labels["val"], num_classes,
+                                     args.batch_size, device)
+            pooled = {k: f[s].mean(dim=(2, 3, 4)) for k, f in feats.items()}
+            acc = knn_accuracy(pooled["train"], dominant["train"], pooled["val"], dominant["val"],
+                               args.knn_k, args.knn_temperature, num_classes)
+            values = [float(d) for d in dice] + [_nanmean(list(map(float, dice))), acc]
+            stages.append({"stage": s + 1, **dict(zip(cols, values))})
+        results["checkpoints"].append({"name": name, "checkpoint": spec, "stages": stages})
+        del feats
+        print(f"   features {t1 - t0:.1f} s, probes {time.time() - t1:.1f} s")
+
+    # ---------------------------------------------------------------- report
+    table = format_table(results)
+    print(table)
+    results["seconds"] = round(time.time() - start, 1)
+    written = write_outputs(results, out_dir)
+    print(f"written: {', '.join(str(p) for p in written)} ({results['seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
