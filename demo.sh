@@ -17,6 +17,8 @@
 #   DEMO_FT_EPOCHS  fine-tuning epochs                            [3]
 #   DEMO_FT_ITERS   fine-tuning iterations per epoch              [8]
 #   DEMO_PROBE      1 runs the probes (random / DINO / DeSD)      [1]
+#   DEMO_PROBE_ARGS extra arguments for eval_probe.py             []
+#   DEMO_FT_SIZE    in-plane size of the fine-tuning phantoms     [64]
 #   DEMO_THREADS    CPU threads for PyTorch                       [all cores]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,6 +30,8 @@ ARCH=${DEMO_ARCH:-res3d10}
 FT_EPOCHS=${DEMO_FT_EPOCHS:-3}
 FT_ITERS=${DEMO_FT_ITERS:-8}
 PROBE=${DEMO_PROBE:-1}
+FT_SIZE=${DEMO_FT_SIZE:-64}
+read -r -a PROBE_ARGS <<< "${DEMO_PROBE_ARGS:-}"
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${DEMO_THREADS:-$(nproc 2>/dev/null || echo 2)}
 
@@ -53,7 +57,7 @@ PRETRAIN=(--arch "$ARCH" --data_path "$DL" --list_path SSL_data_deeplesion.txt
           --epochs "$EPOCHS" --warmup_epochs 1 --batch_size_per_gpu 4 --num_workers 1
           --out_dim 1024 --head_hidden_dim 256 --head_bottleneck_dim 64
           --global_crop_size 16 48 48 --local_crop_size 16 48 48 --local_crops_number 0
-          --lr 0.002 --momentum_teacher 0.99 --teacher_temp 0.04 --print_freq 5)
+          --lr 0.02 --momentum_teacher 0.95 --teacher_temp 0.04 --print_freq 5)
 
 step "3/7 DeSD pre-training ($ARCH, $EPOCHS epochs, CPU) -> $OUT/desd"
 rm -rf "$OUT/desd"
@@ -65,7 +69,7 @@ $PY "$here/main_desd.py" "${PRETRAIN[@]}" --stage_weights 0 0 0 1 --output_dir "
 
 FT=(--arch "$ARCH" --epochs "$FT_EPOCHS" --iters_per_epoch "$FT_ITERS" --batch_size 2
     --patch_size 32 64 64 --decoder_channels 128 64 32 16 8 --n_synthetic 6
-    --synthetic_size 64 --synthetic_slices 40)
+    --synthetic_size "$FT_SIZE" --synthetic_slices 40)
 
 step "5/7 fine-tuning from the DeSD teacher -> $OUT/ft_desd"
 $PY "$here/finetune_example.py" "${FT[@]}" --pretrained "$OUT/desd/checkpoint.pth" \
@@ -77,7 +81,7 @@ $PY "$here/finetune_example.py" "${FT[@]}" --out_dir "$OUT/ft_scratch" | tee "$O
 if [ "$PROBE" = "1" ]; then
   step "7/7 frozen-encoder probes per stage (random / DINO / DeSD) and loss curves"
   $PY "$here/eval_probe.py" random "$OUT/dino/checkpoint.pth" "$OUT/desd/checkpoint.pth" \
-      --names random DINO DeSD --arch "$ARCH" --out_dir "$OUT/probe"
+      --names random DINO DeSD --arch "$ARCH" --out_dir "$OUT/probe" ${PROBE_ARGS[@]+"${PROBE_ARGS[@]}"}
   $PY "$here/plot_log.py" "$OUT/desd" "$OUT/dino" --labels DeSD DINO --out "$OUT/curves.png" \
     || echo "(plot_log.py needs matplotlib: pip install matplotlib)"
 fi

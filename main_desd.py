@@ -664,7 +664,9 @@ def train_one_epoch(*, epoch, args, student, teacher, student_fwd, teacher_fwd, 
 
     utils.all_reduce_(sums)
     means = (sums / (niter * world)).tolist()
-    return {f"train_{k}": v for k, v in zip(LOG_KEYS, means)}
+    # a stage without a head (loss weight 0) has no KL to report
+    return {f"train_{k}": v for k, v in zip(LOG_KEYS, means)
+            if not k.startswith("kl_stage") or k in loss_fn.last_stats}
 
 
 def main(argv=None) -> None:

@@ -309,3 +309,15 @@ def test_every_torch_load_is_weights_only():
                 if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                     offenders.append(f"{path.name}:{node.lineno}")
     assert calls >= 2 and not offenders, offenders
+
+
+def test_dino_mode_has_no_deep_heads_and_no_kl_for_headless_stages(data, tmp_path, capsys):
+    out = tmp_path / "dino"
+    train_here(data, out, "--epochs", "1", "--stage_weights", "0", "0", "0", "1",
+               "--max_iters_per_epoch", "1")
+    row = json.loads((out / "log.txt").read_text().splitlines()[0])
+    assert "train_kl_stage4" in row and not any(f"train_kl_stage{k}" in row for k in (1, 2, 3))
+    assert row["train_deep_loss_1"] == 0.0 and row["train_total_loss"] == row["train_loss_ssl"]
+    student = torch.load(out / "checkpoint.pth", weights_only=True)["student"]
+    assert not any("deep_heads" in k for k in student)
+    assert "stage 1" not in capsys.readouterr().out
