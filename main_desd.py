@@ -412,11 +412,10 @@ def train(args) -> None:
                       + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
 
     # ------------------------------------------------------------------ data
-    from data_loader_ssl import BatchIntensityAugment, DeepLesionSSL, check_list_file
+    from data_loader_ssl import BatchIntensityAugment, DeepLesionSSL
     list_path = Path(args.list_path)
     if not list_path.is_absolute():
         list_path = Path(args.data_path) / list_path
-    check_list_file(args.data_path, list_path)
     dataset = DeepLesionSSL(args.data_path, list_path,
                             global_crop_size=tuple(args.global_crop_size),
                             local_crop_size=tuple(args.local_crop_size),
@@ -664,9 +663,10 @@ def train_one_epoch(*, epoch, args, student, teacher, student_fwd, teacher_fwd, 
 
     utils.all_reduce_(sums)
     means = (sums / (niter * world)).tolist()
-    # a stage without a head (loss weight 0) has no KL to report
-    return {f"train_{k}": v for k, v in zip(LOG_KEYS, means)
-            if not k.startswith("kl_stage") or k in loss_fn.last_stats}
+    # a stage without a head (loss weight 0) has no loss term or KL to report
+    skip = {f"{name}{k}" for k in range(1, NUM_STAGES) if f"kl_stage{k}" not in loss_fn.last_stats
+            for name in ("deep_loss_", "kl_stage")}
+    return {f"train_{k}": v for k, v in zip(LOG_KEYS, means) if k not in skip}
 
 
 def main(argv=None) -> None:

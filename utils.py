@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from volume_io import fsync_path
+
 # ----------------------------------------------------------------------------- flags
 
 
@@ -246,19 +248,6 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
     """Write `obj` with torch.save so that `path` is always a complete file.
 
@@ -285,7 +274,7 @@ def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) 
                 shutil.copy2(path, prev_tmp)
             os.replace(prev_tmp, prev)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent, directory=True)
     finally:
         tmp.unlink(missing_ok=True)
 

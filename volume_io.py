@@ -186,7 +186,7 @@ def temp_path(path):
     return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}{nifti_ext(path)}")
 
 
-def _fsync_path(path, directory=False):
+def fsync_path(path, directory=False):
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
@@ -210,12 +210,12 @@ def atomic_output(path):
     tmp = temp_path(path)
     try:
         yield tmp
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_path(path.parent, directory=True)
+    fsync_path(path.parent, directory=True)
 
 
 def write_sitk(image, path, compression_level=1):
