@@ -23,7 +23,7 @@ third of the cases (sorted by name) is held out; they are segmented by sliding w
 and the script prints the mean Dice per foreground class and overall (`Dice: 0.xxx`).
 Preprocessed volumes are cached under `OUT_DIR/preprocessed_*` and reused.
 
-Loading (SPEC.md §8): the release's own snippet takes `torch.load(path)['teacher']`,
+Loading (SPEC.md §8): the release's own snippet unpickles the file, takes its `'teacher'`,
 strips `module.backbone.`, keeps the names present in the encoder and prints
 `[pre_N/mod_M]: K shared layers` and the mean of `conv1.weight` before and after, so a
 silent non-load shows. Here loading is also safe (`weights_only=True`, with only

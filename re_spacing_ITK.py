@@ -178,13 +178,8 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
-    if not in_dir.is_dir():
-        print(f"re_spacing_ITK: input folder {in_dir} does not exist", file=sys.stderr)
-        return 1
-    inputs = sorted(p for p in in_dir.glob("*.nii.gz") if not p.name.startswith("."))
-    if not inputs:
-        print(f"re_spacing_ITK: no *.nii.gz volumes in {in_dir} (run DL_save_nifti.py first?)",
-              file=sys.stderr)
+    inputs = volume_io.input_volumes(in_dir, "re_spacing_ITK", "DL_save_nifti.py")
+    if inputs is None:
         return 1
     out_dir.mkdir(parents=True, exist_ok=True)
     volume_io.remove_stale_temps(out_dir)

@@ -243,6 +243,21 @@ def write_text(path, text):
             f.flush()
 
 
+def input_volumes(in_dir, stage, previous_step):
+    """The sorted ``*.nii.gz`` volumes of ``in_dir`` (names starting with "." skipped), or
+    None after saying on stderr why there are none (``previous_step`` names what makes them)."""
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        print(f"{stage}: input folder {in_dir} does not exist", file=sys.stderr)
+        return None
+    inputs = sorted(p for p in in_dir.glob("*.nii.gz") if not p.name.startswith("."))
+    if not inputs:
+        print(f"{stage}: no *.nii.gz volumes in {in_dir} (run {previous_step} first?)",
+              file=sys.stderr)
+        return None
+    return inputs
+
+
 def remove_stale_temps(folder):
     """Delete temporary files left by a killed run in ``folder``; return how many."""
     folder = Path(folder)

@@ -97,7 +97,8 @@ def test_dino_head(use_bn):
     assert not head.last_layer.weight_g.requires_grad        # norm_last_layer default True
     assert float(head.mlp[0].bias.detach().abs().max()) == 0.0
     assert abs(float(head.mlp[0].weight.detach().std()) - 0.02) < 0.003  # trunc-normal, std 0.02
-    out = head(torch.randn(6, 64))
+    with torch.no_grad():
+        out = head(torch.randn(6, 64))
     assert out.shape == (6, 50)
     # rows of the last layer have unit norm and its input is L2-normalised: |logit| <= 1
     assert float(out.abs().max()) <= 1.0 + 1e-5
