@@ -184,10 +184,7 @@ def get_args_parser():
                         "Spacing_mm_px_ are used).")
     p.add_argument("--out_dir", default="Images_nifti",
                    help="Folder for the NIfTI volumes (created).")
-    p.add_argument("--workers", type=int, default=volume_io.default_workers(),
-                   help="Worker processes (default: all cores); 1 runs in this process.")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Redo volumes whose output already exists (default: skip them).")
+    volume_io.add_batch_args(p)
     return p
 
 

@@ -164,14 +164,7 @@ def get_args_parser():
     p.add_argument("--spacing", type=float, nargs=3, default=list(TARGET_SPACING),
                    metavar=("SZ", "SY", "SX"),
                    help="Target spacing in mm, in (z, y, x) order; the published run used 1 1 1.")
-    p.add_argument("--workers", type=int, default=volume_io.default_workers(),
-                   help="Worker processes (default: all cores); 1 runs in this process. "
-                        "Each worker holds one volume (a few hundred MB at 512x512).")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Redo volumes whose output already exists (default: skip them).")
-    p.add_argument("--compression_level", type=int, default=1, choices=range(1, 10),
-                   metavar="{1..9}",
-                   help="gzip level of the outputs: 1 is fastest, 9 smallest (a few %% smaller).")
+    volume_io.add_batch_args(p, compression=True)
     return p
 
 

@@ -145,12 +145,7 @@ def get_args_parser():
     p.add_argument("--format", default="nii.gz", choices=FORMATS,
                    help="Sub-volume format: nii.gz as published (smallest); nii (about 2-3x "
                         "the disk) or npy (nibabel (x, y, z) order) read several times faster.")
-    p.add_argument("--workers", type=int, default=volume_io.default_workers(),
-                   help="Worker processes (default: all cores); 1 runs in this process.")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Redo sub-volumes that already exist (default: skip them).")
-    p.add_argument("--compression_level", type=int, default=1, choices=range(1, 10),
-                   metavar="{1..9}", help="gzip level for nii.gz: 1 is fastest, 9 smallest.")
+    volume_io.add_batch_args(p, compression=True)
     return p
 
 

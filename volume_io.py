@@ -243,6 +243,20 @@ def write_text(path, text):
             f.flush()
 
 
+def add_batch_args(parser, compression=False):
+    """The flags every preprocessing stage shares: --workers, --overwrite and, for stages
+    that write gzip, --compression_level."""
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="Worker processes (default: all cores); 1 runs in this process. "
+                             "Each worker holds one volume at a time.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Redo outputs that already exist (default: skip them).")
+    if compression:
+        parser.add_argument("--compression_level", type=int, default=1, choices=range(1, 10),
+                            metavar="{1..9}",
+                            help="gzip level of .nii.gz outputs: 1 is fastest, 9 a few %% smaller.")
+
+
 def input_volumes(in_dir, stage, previous_step):
     """The sorted ``*.nii.gz`` volumes of ``in_dir`` (names starting with "." skipped), or
     None after saying on stderr why there are none (``previous_step`` names what makes them)."""
