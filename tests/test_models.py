@@ -1,7 +1,16 @@
+import argparse
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from models import ARCHS, DINOHead, build_backbone, res3d10, res3d50
+from models import ARCHS, DINOHead, build_backbone, load_pretrained_encoder, res3d10, res3d50
+
+REPO = Path(__file__).resolve().parents[1]
 
 STAGES = {  # blocks per stage and block type, SPEC.md §5
     "res3d10": ((1, 1, 1, 1), 1), "res3d18": ((2, 2, 2, 2), 1), "res3d34": ((3, 4, 6, 3), 1),
@@ -74,16 +83,28 @@ def test_unknown_arch_lists_choices():
     assert set(ARCHS) == set(STAGES)
 
 
-def test_released_checkpoint_layout_loads_by_name():
-    """A 'teacher' dict shaped like the released DeSD_Res50 one loads after stripping."""
-    src = res3d50()
-    teacher = {"module.backbone." + k: v.clone() for k, v in src.state_dict().items()}
-    teacher["module.head.last_layer.weight_g"] = torch.ones(10, 1)
-    dst = res3d50()
-    sd = {k[len("module.backbone."):]: v for k, v in teacher.items() if k.startswith("module.backbone.")}
-    missing, unexpected = dst.load_state_dict(sd, strict=True)
-    assert not missing and not unexpected
-    torch.testing.assert_close(dst.conv1.weight, src.conv1.weight)
+def test_released_checkpoint_layout_loads_by_name(tmp_path, capsys):
+    """A checkpoint written from SPEC.md §5's names and shapes (not from the model's own
+    state dict): the released layout, `'teacher'` with `module.backbone.*` and a
+    `module.head.*` DINO head, `args` an argparse.Namespace. Every backbone tensor loads."""
+    g = torch.Generator().manual_seed(0)
+    backbone = {k: torch.randn(s, generator=g) for k, s in expected_state_dict("res3d50").items()}
+    head = {"mlp.0.weight": (2048, 2048), "mlp.0.bias": (2048,), "mlp.1.weight": (2048,),
+            "mlp.1.bias": (2048,), "mlp.3.weight": (2048, 2048), "mlp.6.weight": (256, 2048),
+            "last_layer.weight_g": (60000, 1), "last_layer.weight_v": (60000, 256)}
+    teacher = {"module.backbone." + k: v for k, v in backbone.items()}
+    teacher |= {"module.head." + k: torch.zeros(s) for k, s in head.items()}
+    path = tmp_path / "DeSD_Res50.pth"
+    torch.save({"teacher": teacher, "epoch": 300,
+                "args": argparse.Namespace(arch="resnet3d50", out_dim=60000)}, path)
+    encoder = res3d50()
+    summary = load_pretrained_encoder(encoder, path)
+    assert summary["n_loaded"] == summary["n_model"] == len(backbone)
+    assert len(summary["unused"]) == len(head)
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    assert f"[pre_{len(backbone) + len(head)}/mod_{len(backbone)}]: {len(backbone)} shared layers" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("use_bn", [False, True])
@@ -109,3 +130,51 @@ def test_dino_head(use_bn):
 def test_head_norm_last_layer_false_trains_g():
     head = DINOHead(8, 5, norm_last_layer=False, hidden_dim=8, bottleneck_dim=4)
     assert head.last_layer.weight_g.requires_grad
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports (relative imports as '.')."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." if node.level else node.module.split(".")[0])
+    return names
+
+
+def test_models_imports_only_torch_and_itself():
+    stdlib = set(sys.stdlib_module_names)
+    for path in sorted((REPO / "models").glob("*.py")):
+        outside = {n for n in _imports(path) if n not in stdlib and n not in {"torch", "."}}
+        assert not outside, f"{path.name} imports {outside}"
+
+
+def test_nothing_imports_the_example_or_a_tool():
+    forbidden = {"finetune_example", "tools", "eval_probe", "plot_log", "export_backbone"}
+    for path in sorted(REPO.rglob("*.py")):
+        if "tests" in path.parts or ".git" in path.parts:
+            continue
+        assert not (_imports(path) & forbidden), f"{path.relative_to(REPO)} imports " \
+                                                 f"{_imports(path) & forbidden}"
+
+
+def test_models_copied_alone_runs_the_readme_snippet(tmp_path):
+    """Copy models/ into an empty folder and run the README's snippet there (a fresh
+    interpreter whose path holds nothing of this repository)."""
+    import re
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("<!-- finetune-snippet:start -->")[1].split("<!-- finetune-snippet:end -->")[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    shutil.copytree(REPO / "models", tmp_path / "models")
+    torch.manual_seed(1)
+    state = {k: v + 0.25 for k, v in build_backbone("res3d50").state_dict().items()}
+    torch.save({"teacher": {"module.backbone." + k: v for k, v in state.items()}, "epoch": 1},
+               tmp_path / "checkpoint.pth")
+    (tmp_path / "snippet.py").write_text(code)
+    proc = subprocess.run([sys.executable, "-E", "-s", "snippet.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n = len(state)
+    assert f"[pre_{n}/mod_{n}]: {n} shared layers" in proc.stdout
+    assert "torch.Size([1, 4, 32, 64, 64])" in proc.stdout
