@@ -1,7 +1,7 @@
 """Stage 1 of the DeepLesion recipe: 16-bit PNG slices -> one NIfTI per run of slices.
 
     python DL_save_nifti.py --png_dir Images_png --info_csv DL_info.csv \
-        --out_dir Images_nifti --workers 8
+        --output_dir Images_nifti --num_workers 8
 
 Every series folder ``PPPPPP_SS_SS`` of ``--png_dir`` holds slices ``NNN.png``; only
 runs of contiguous slice indices were released, so each run becomes one volume
@@ -10,7 +10,7 @@ runs of contiguous slice indices were released, so each run becomes one volume
 ``[[0, -sy, 0], [-sx, 0, 0], [0, 0, -sz]]`` with ``Spacing_mm_px_`` ("sx, sy, sz") from
 the series' first row of ``DL_info.csv``. Existing outputs are skipped (``--overwrite``
 redoes them); series that cannot be converted are listed with the reason in
-``<out_dir>/DL_save_nifti_failures.txt`` and make the exit code 1.
+``<output_dir>/DL_save_nifti_failures.txt`` and make the exit code 1.
 """
 import argparse
 import csv
@@ -22,6 +22,9 @@ import numpy as np
 import volume_io
 
 PNG_OFFSET = 32768
+# No CT has voxels this large; a spacing beyond it is a typo in DL_info.csv, refused
+# before stage 2 would try to allocate a volume of absurd size.
+MAX_SPACING_MM = 100.0
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"
 
@@ -63,32 +66,41 @@ def png_to_hu(slices_u16):
 
 
 def parse_spacing(text):
-    """``"0.78, 0.78, 5"`` -> ``(0.78, 0.78, 5.0)``; ValueError unless 3 finite values > 0."""
+    """``"0.78, 0.78, 5"`` -> ``(0.78, 0.78, 5.0)``; ValueError unless 3 finite values in
+    (0, MAX_SPACING_MM] mm."""
     try:
         sp = tuple(float(v) for v in str(text).replace(" ", "").split(","))
     except ValueError:
         raise ValueError(f"spacing {text!r} is not three numbers") from None
-    if len(sp) != 3 or not all(np.isfinite(sp)) or min(sp) <= 0:
-        raise ValueError(f"spacing {text!r} must be three finite values > 0 (mm)")
+    if len(sp) != 3 or not all(np.isfinite(sp)) or min(sp) <= 0 or max(sp) > MAX_SPACING_MM:
+        raise ValueError(f"spacing {text!r} must be three finite values in (0, "
+                         f"{MAX_SPACING_MM:g}] mm")
     return sp
 
 
 # ----------------------------------------------------------------------------- file I/O
 
 def read_info_csv(path):
-    """Map ``'PPPPPP_SS_SS'`` -> the ``Spacing_mm_px_`` text of that series' first row."""
-    spacing = {}
+    """``(spacing, bad_rows)``: ``spacing`` maps ``'PPPPPP_SS_SS'`` to the
+    ``Spacing_mm_px_`` text of that series' first row; ``bad_rows`` lists
+    ``(where, reason)`` for rows whose indices are not integers (the rest are used)."""
+    spacing, bad_rows = {}, []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        need = {"Patient_index", "Study_index", "Series_ID", "Spacing_mm_px_"}
-        missing = need - set(reader.fieldnames or ())
+        need = ("Patient_index", "Study_index", "Series_ID", "Spacing_mm_px_")
+        missing = set(need) - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)}")
         for row in reader:
-            key = (f"{int(row['Patient_index']):06d}_{int(row['Study_index']):02d}_"
-                   f"{int(row['Series_ID']):02d}")
-            spacing.setdefault(key, row["Spacing_mm_px_"])
-    return spacing
+            try:
+                p, s, i = (int(str(row[c]).strip()) for c in need[:3])
+            except (TypeError, ValueError):
+                values = ", ".join(f"{c}={row[c]!r}" for c in need[:3])
+                bad_rows.append((f"{path}:{reader.line_num}",
+                                 f"DL_info.csv row has a non-integer index ({values}); row skipped"))
+                continue
+            spacing.setdefault(f"{p:06d}_{s:02d}_{i:02d}", row["Spacing_mm_px_"])
+    return spacing, bad_rows
 
 
 def read_png(path):
@@ -126,7 +138,7 @@ def convert_run(png_paths, spacing_xyz, out_path, overwrite=False):
     import nibabel as nib
 
     out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
+    if not overwrite and volume_io.output_complete(out_path):
         return volume_io.SKIPPED
     slices = []
     for p in png_paths:
@@ -139,7 +151,7 @@ def convert_run(png_paths, spacing_xyz, out_path, overwrite=False):
     img = nib.Nifti1Image(png_to_hu(slices), deeplesion_affine(spacing_xyz))
     img.header.set_data_dtype(np.int16)
     img.header.set_slope_inter(1.0, 0.0)
-    with volume_io.atomic_output(out_path) as tmp:
+    with volume_io.atomic_output(out_path, volume_io.verify_volume_file) as tmp:
         nib.save(img, str(tmp))
     return volume_io.DONE
 
@@ -182,7 +194,7 @@ def get_args_parser():
     p.add_argument("--info_csv", default="DL_info.csv",
                    help="DeepLesion's DL_info.csv (Patient_index, Study_index, Series_ID, "
                         "Spacing_mm_px_ are used).")
-    p.add_argument("--out_dir", default="Images_nifti",
+    p.add_argument("--output_dir", "--out_dir", default="Images_nifti",
                    help="Folder for the NIfTI volumes (created).")
     volume_io.add_batch_args(p)
     return p
@@ -190,12 +202,12 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    png_dir, out_dir = Path(args.png_dir), Path(args.out_dir)
+    png_dir, out_dir = Path(args.png_dir), Path(args.output_dir)
     if not png_dir.is_dir():
         print(f"DL_save_nifti: PNG folder {png_dir} does not exist", file=sys.stderr)
         return 1
     try:
-        spacing = read_info_csv(args.info_csv)
+        spacing, bad_rows = read_info_csv(args.info_csv)
     except (OSError, ValueError, KeyError) as e:
         print(f"DL_save_nifti: cannot read {args.info_csv}: {e}", file=sys.stderr)
         return 1
@@ -205,8 +217,8 @@ def main(argv=None):
     if not tasks and not failures:
         print(f"DL_save_nifti: no series folders in {png_dir}", file=sys.stderr)
         return 1
-    return volume_io.run_tasks(convert_run, tasks, args.workers, "DL_save_nifti",
-                               out_dir / "DL_save_nifti_failures.txt", failures)
+    return volume_io.run_tasks(convert_run, tasks, args.num_workers, "DL_save_nifti",
+                               out_dir / "DL_save_nifti_failures.txt", bad_rows + failures)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ rank alike, SPEC §7), and a resumed run reproduces them exactly.
 
 Typical use::
 
-    ds = DeepLesionSSL(data_root, list_file, augment_on="device", rank=rank)
+    ds = DeepLesionSSL(list_file, augment_on="device", rank=rank)
     aug = BatchIntensityAugment()
     for epoch in range(start, epochs):
         ds.set_epoch(epoch)                  # before iter(loader), also with persistent workers
@@ -33,17 +33,18 @@ Typical use::
 from __future__ import annotations
 
 import gzip
-import io
 import mmap
 import os
 from dataclasses import dataclass
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+
+import volume_io
+from models.contract import HU_SCALE
 
 try:  # ISA-L's gzip decoder is about 2x faster than zlib's on CT sub-volumes (bench_loader.py).
     from isal import igzip as _igzip
@@ -51,11 +52,9 @@ except ImportError:  # pragma: no cover - optional dependency
     _igzip = None
 
 __all__ = [
-    "SUPPORTED_SUFFIXES",
     "IntensityParams",
     "VIEW_INTENSITY_PARAMS",
     "load_subvolume",
-    "check_list_file",
     "pad_volume",
     "make_views",
     "augment_view_numpy",
@@ -64,14 +63,11 @@ __all__ = [
     "DeepLesionSSL",
 ]
 
-SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".npy")
-
 # Paper constants (SPEC §4).
 BASE_SCALE = (1.4, 1.8)
 GLOBAL_SCALE = (0.8, 1.2)
 LOCAL_SCALE = (1.5, 2.0)
 FLIP_P = 0.8  # quirk of the release: 0.8, not 0.5
-HU_SCALE = 1024.0
 
 NOISE_STD = (0.0, 0.1)
 BLUR_SIGMA = (0.1, 2.0)
@@ -86,39 +82,11 @@ STD_EPS = 1e-8  # batchgenerators: v / (std + 1e-8) * sd when retaining stats
 
 # --------------------------------------------------------------------------- reading
 
-def _suffix(path: str) -> str:
-    low = path.lower()
-    for s in SUPPORTED_SUFFIXES:
-        if low.endswith(s):
-            return s
-    return ""
-
-
 def _decompress_gzip(raw: bytes) -> bytes:
     """Full gzip decompression with CRC and length check (a truncated file raises)."""
     if _igzip is not None:
         return _igzip.decompress(raw)
     return gzip.decompress(raw)
-
-
-def _parse_nifti_header(raw: bytes):
-    """Header of a NIfTI-1/2 file from its first bytes: (shape, dtype, offset, slope, inter)."""
-    if len(raw) < 348:
-        raise ValueError(f"only {len(raw)} bytes, shorter than a NIfTI header")
-    sizeof_hdr = int.from_bytes(raw[:4], "little")
-    if sizeof_hdr not in (348, 540):
-        sizeof_hdr = int.from_bytes(raw[:4], "big")
-    header_class = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(sizeof_hdr)
-    if header_class is None:
-        raise ValueError("not a NIfTI file (bad sizeof_hdr)")
-    hdr = header_class.from_fileobj(io.BytesIO(raw[:sizeof_hdr]))
-    shape = tuple(int(n) for n in hdr.get_data_shape())
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        raise ValueError(f"expected a 3D image, got shape {shape}")
-    slope, inter = hdr.get_slope_inter()  # (None, None) when scl_slope is 0 or NaN
-    return shape, hdr.get_data_dtype(), int(hdr.get_data_offset()), slope, inter
 
 
 def _as_stored(data: np.ndarray, slope, inter) -> np.ndarray:
@@ -148,6 +116,15 @@ def _map_file(path: str) -> mmap.mmap:
                          prot=mmap.PROT_READ)
 
 
+def _nifti_voxels(buf, path: str) -> np.ndarray:
+    info = volume_io.parse_nifti_header(bytes(buf[:540]), path)
+    if len(info.shape) != 3:
+        raise ValueError(f"expected a 3D image, got shape {info.shape}")
+    _check_size(len(buf), info.shape, info.dtype, info.offset)
+    data = np.frombuffer(buf, info.dtype, int(np.prod(info.shape)), info.offset)
+    return _as_stored(data.reshape(info.shape, order="F"), info.slope, info.inter)
+
+
 def load_subvolume(path: str) -> np.ndarray:
     """Read one sub-volume as stored: an array in nibabel's ``(x, y, z)`` order.
 
@@ -155,37 +132,30 @@ def load_subvolume(path: str) -> np.ndarray:
     --format npy`` writes it). Voxels come back in their stored dtype (int16 for this
     pipeline), never through float64; a file with a real intensity scaling
     (``scl_slope`` not 0/1/NaN) comes back scaled in float32. The result may be
-    read-only. A truncated or corrupt file raises ``ValueError`` naming the file.
+    read-only. A truncated or corrupt file, or a float one with NaN or inf voxels,
+    raises ``ValueError`` naming the file.
     """
-    suffix = _suffix(path)
+    suffix = volume_io.volume_suffix(path)
     try:
         if suffix == ".npy":
             buf = _map_file(path)
-            f = io.BytesIO(buf[:65546])  # the largest version-1.0 header
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f"unsupported .npy format version {version}")
-            shape, fortran, dtype = read_header(f)
+            shape, dtype, fortran, offset = volume_io.npy_header(buf[:65546], path)
             if len(shape) != 3 or dtype.kind not in "iuf":
                 raise ValueError(f"expected a 3D numeric array, got shape {shape} of {dtype}")
-            _check_size(len(buf), shape, dtype, f.tell())
-            data = np.frombuffer(buf, dtype, int(np.prod(shape)), f.tell())
-            return data.reshape(shape, order="F" if fortran else "C")
-        if suffix == ".nii.gz":
-            with open(path, "rb") as f:
-                raw = _decompress_gzip(f.read())
-            shape, dtype, offset, slope, inter = _parse_nifti_header(raw)
-            _check_size(len(raw), shape, dtype, offset)
-            data = np.frombuffer(raw, dtype, int(np.prod(shape)), offset).reshape(shape, order="F")
-            return _as_stored(data, slope, inter)
-        if suffix == ".nii":
-            buf = _map_file(path)
-            shape, dtype, offset, slope, inter = _parse_nifti_header(buf[:540])
             _check_size(len(buf), shape, dtype, offset)
-            data = np.frombuffer(buf, dtype, int(np.prod(shape)), offset).reshape(shape, order="F")
-            return _as_stored(data, slope, inter)
+            data = np.frombuffer(buf, dtype, int(np.prod(shape)), offset)
+            data = data.reshape(shape, order="F" if fortran else "C")
+        elif suffix == ".nii.gz":
+            with open(path, "rb") as f:
+                data = _nifti_voxels(_decompress_gzip(f.read()), path)
+        elif suffix == ".nii":
+            data = _nifti_voxels(_map_file(path), path)
+        else:
+            raise ValueError(f"unsupported file type (expected one of "
+                             f"{volume_io.VOLUME_SUFFIXES})")
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise ValueError(f"{int((~np.isfinite(data)).sum())} NaN or inf voxels")
+        return data
     except FileNotFoundError:
         raise
     except Exception as e:  # truncated/corrupt files raise EOFError, zlib.error, ValueError...
@@ -194,55 +164,6 @@ def load_subvolume(path: str) -> np.ndarray:
             f"corrupt; re-create it with splitting_to_patches.py (delete it first) or drop it "
             f"from the list file."
         ) from e
-    raise ValueError(f"cannot read {path}: unsupported file type (expected one of {SUPPORTED_SUFFIXES})")
-
-
-def check_list_file(data_root: str, list_file: str) -> list[str]:
-    """Read a list file (one path per line, relative to ``data_root``) and check it.
-
-    Returns the paths joined with ``data_root``. Raises ``FileNotFoundError`` for a
-    missing list file or entries that do not exist, ``ValueError`` for an empty list or
-    entries of an unsupported type; the message names the first few and the count.
-    """
-    if not os.path.isfile(list_file):
-        raise FileNotFoundError(
-            f"list file {list_file} does not exist; write it with splitting_to_patches.py "
-            f"(it lists every sub-volume relative to the data root) or pass the right path."
-        )
-    with open(list_file, encoding="utf-8") as f:
-        entries = [line.strip() for line in f if line.strip()]
-    if not entries:
-        raise ValueError(
-            f"list file {list_file} names no sub-volumes; re-run splitting_to_patches.py or "
-            f"check that the preprocessing produced files."
-        )
-    bad_type = [e for e in entries if not _suffix(e)]
-    if bad_type:
-        raise ValueError(
-            f"list file {list_file} has {len(bad_type)} entries that are not "
-            f"{'/'.join(SUPPORTED_SUFFIXES)} files, e.g. {', '.join(bad_type[:3])}"
-        )
-    paths = [os.path.join(data_root, e) for e in entries]
-    # One directory listing per folder instead of one stat per file (125k files).
-    listing: dict[str, set[str]] = {}
-    missing = []
-    for entry, p in zip(entries, paths):
-        folder, name = os.path.split(p)
-        if folder not in listing:
-            try:
-                listing[folder] = set(os.listdir(folder or "."))
-            except OSError:
-                listing[folder] = set()
-        if name not in listing[folder]:
-            missing.append(entry)
-    if missing:
-        raise FileNotFoundError(
-            f"list file {list_file} names {len(missing)} of {len(entries)} sub-volumes that do "
-            f"not exist under data root {data_root}, e.g. {', '.join(missing[:5])}. Check that "
-            f"the data root is the folder the list's paths are relative to, or re-run "
-            f"splitting_to_patches.py to rewrite the list."
-        )
-    return paths
 
 
 # --------------------------------------------------------------------------- geometry
@@ -549,8 +470,8 @@ class DeepLesionSSL(torch.utils.data.Dataset):
     """Sub-volumes named by a list file; each item is ``[global1, global2, local1, ...]``.
 
     Args:
-        data_root: folder that the list file's paths are relative to.
-        list_file: one sub-volume per line (``.nii.gz``, ``.nii`` or ``.npy``).
+        list_file: one sub-volume per line (``.nii.gz``, ``.nii`` or ``.npy``), each
+            relative to the list file's folder (``volume_io.read_list_file``).
         global_crop_size: (D, H, W) of the two global views; the volume is padded to it.
         local_crop_size: (D, H, W) of the local views (not larger than the global size).
         local_crops_number: number of local views (0 in the published run).
@@ -562,7 +483,6 @@ class DeepLesionSSL(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        data_root: str,
         list_file: str,
         global_crop_size: Sequence[int] = (16, 96, 96),
         local_crop_size: Sequence[int] = (16, 48, 48),
@@ -583,7 +503,7 @@ class DeepLesionSSL(torch.utils.data.Dataset):
                 f"local crop size {self.local_crop_size} must not exceed the global crop size "
                 f"{self.global_crop_size} in any dimension"
             )
-        self.paths = check_list_file(data_root, list_file)
+        self.paths = volume_io.read_list_file(list_file)
         self.local_crops_number = int(local_crops_number)
         self.augment_on = augment_on
         self.per_slice = per_slice

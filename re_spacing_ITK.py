@@ -1,7 +1,7 @@
 """Stage 2 of the DeepLesion recipe: clip to [-1024, 1024] HU and resample to 1 mm.
 
-    python re_spacing_ITK.py --in_dir Images_nifti --out_dir Images_nifti_spacing \
-        --spacing 1 1 1 --workers 8
+    python re_spacing_ITK.py --in_dir Images_nifti --output_dir Images_nifti_spacing \
+        --spacing 1 1 1 --num_workers 8
 
 Every ``*.nii.gz`` of ``--in_dir`` (names starting with "." skipped) is read with
 SimpleITK after a full integrity check, clipped, resampled exactly as the published
@@ -23,9 +23,13 @@ from pathlib import Path
 import numpy as np
 
 import volume_io
+from models.contract import HU_MAX, HU_MIN, SPACING_MM
 
-CLIP_HU = (-1024, 1024)
-TARGET_SPACING = (1.0, 1.0, 1.0)
+CLIP_HU = (HU_MIN, HU_MAX)
+TARGET_SPACING = SPACING_MM
+# A resampled volume larger than this (4 GiB as float32) is refused rather than attempted:
+# it comes from a spacing no CT has (e.g. 1e6 mm between slices).
+MAX_OUTPUT_VOXELS = 2**30
 
 
 # ----------------------------------------------------------------------------- pure arrays
@@ -107,9 +111,11 @@ def resample_array(arr_zyx, spacing_zyx, target_zyx=TARGET_SPACING, dtype=np.flo
         arr = arr.astype(np.int32)
     clipped = np.clip(arr, *CLIP_HU)
     shape_out = output_shape(arr.shape, spacing_zyx, target_zyx)
-    if min(shape_out) < 1:
-        raise ValueError(f"volume {arr.shape} at spacing {tuple(spacing_zyx)} gives an "
-                         f"empty output {shape_out} at {tuple(target_zyx)} mm")
+    if min(shape_out) < 1 or np.prod(shape_out, dtype=np.float64) > MAX_OUTPUT_VOXELS:
+        raise ValueError(f"volume {arr.shape} at spacing {tuple(spacing_zyx)} mm gives an output "
+                         f"of {shape_out} voxels at {tuple(target_zyx)} mm, "
+                         f"{'empty' if min(shape_out) < 1 else 'more than 2**30'}: check the "
+                         f"spacing in the file's header")
     out = resize_array(clipped, shape_out, dtype)
     np.clip(out, clipped.min(), clipped.max(), out=out)
     np.rint(out, out=out)
@@ -136,7 +142,7 @@ def resample_file(in_path, out_path, target_zyx, overwrite=False, compression_le
     import SimpleITK as sitk
 
     out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
+    if not overwrite and volume_io.output_complete(out_path):
         return volume_io.SKIPPED
     img, arr = volume_io.read_nifti(in_path)
     if arr.dtype.kind not in "iu":
@@ -155,14 +161,14 @@ def resample_file(in_path, out_path, target_zyx, overwrite=False, compression_le
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--in_dir", default="Images_nifti",
                    help="Folder of stage-1 volumes (*.nii.gz).")
-    p.add_argument("--out_dir", default="Images_nifti_spacing",
+    p.add_argument("--output_dir", "--out_dir", default="Images_nifti_spacing",
                    help="Folder for the resampled volumes (created).")
-    p.add_argument("--spacing", type=float, nargs=3, default=list(TARGET_SPACING),
-                   metavar=("SZ", "SY", "SX"),
+    p.add_argument("--spacing", type=volume_io.float_in(0.0, 100.0, low_open=True), nargs=3,
+                   default=list(TARGET_SPACING), metavar=("SZ", "SY", "SX"),
                    help="Target spacing in mm, in (z, y, x) order; the published run used 1 1 1.")
     volume_io.add_batch_args(p, compression=True)
     return p
@@ -170,19 +176,13 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
-    inputs = volume_io.input_volumes(in_dir, "re_spacing_ITK", "DL_save_nifti.py")
+    out_dir = Path(args.output_dir)
+    inputs = volume_io.stage_inputs(args.in_dir, out_dir, "re_spacing_ITK", "DL_save_nifti.py")
     if inputs is None:
         return 1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    volume_io.remove_stale_temps(out_dir)
-    target = tuple(args.spacing)
-    if not all(np.isfinite(target)) or min(target) <= 0:
-        print(f"re_spacing_ITK: --spacing must be positive, got {target}", file=sys.stderr)
-        return 2
-    tasks = [(str(p), (p, out_dir / p.name, target, args.overwrite, args.compression_level))
-             for p in inputs]
-    return volume_io.run_tasks(resample_file, tasks, args.workers, "re_spacing_ITK",
+    tasks = [(str(p), (p, out_dir / p.name, tuple(args.spacing), args.overwrite,
+                       args.compression_level)) for p in inputs]
+    return volume_io.run_tasks(resample_file, tasks, args.num_workers, "re_spacing_ITK",
                                out_dir / "re_spacing_ITK_failures.txt")
 
 

@@ -1,7 +1,7 @@
 """Stage 3 of the DeepLesion recipe: 24-slice sub-volumes and the pre-training list file.
 
-    python splitting_to_patches.py --in_dir Images_nifti_spacing --out_dir DL_patches_v2 \
-        --list_file SSL_data_deeplesion.txt --workers 8 [--format nii.gz]
+    python splitting_to_patches.py --in_dir Images_nifti_spacing --output_dir DL_patches_v2 \
+        --list_file SSL_data_deeplesion.txt --num_workers 8 [--format nii.gz]
 
 Each resampled volume ``(d, w, h)`` = ``(z, y, x)`` is cut into tiles of depth 24 at
 stride 12 (the last tile ends at the last slice; a volume of 13-23 slices gives one
@@ -14,15 +14,14 @@ in-plane to the central 80 % when ``w > 320`` (SPEC.md section 3), and written a
 - ``npy``: the int16 array in nibabel's ``(x, y, z)`` order, i.e. exactly what
   ``nibabel.load(...).get_fdata()`` gives for the NIfTI formats (as int16).
 
-The list file gets one line per sub-volume of the chosen format found in ``--out_dir``,
+The list file gets one line per sub-volume of the chosen format found in ``--output_dir``,
 sorted, each the path relative to the list file's folder (the defaults give
-``DL_patches_v2/<name>``). Existing outputs are skipped (``--overwrite`` redoes them);
-volumes that cannot be used are listed in ``<out_dir>/splitting_to_patches_failures.txt``
-and make the exit code 1.
+``DL_patches_v2/<name>``); the trainer reads it by the same rule. Existing complete
+outputs are skipped (``--overwrite`` redoes them); volumes that cannot be used are
+listed in ``<output_dir>/splitting_to_patches_failures.txt`` and make the exit code 1.
 """
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def split_volume(arr_zyx):
 def stem(path):
     """A volume's name without its .nii.gz / .nii / .npy extension."""
     name = Path(path).name
-    return name[: -len(volume_io.nifti_ext(name))]
+    return name[: len(name) - len(volume_io.volume_suffix(name))]
 
 
 # ----------------------------------------------------------------------------- file I/O
@@ -102,34 +101,30 @@ def split_file(in_path, out_dir, fmt="nii.gz", overwrite=False, compression_leve
     def out(k):
         return out_dir / f"{base}_dep{k}.{fmt}"
 
-    # Cheap resume check first: the tile count follows from the header alone.
+    # Cheap resume check first: the tile count follows from the header alone, and every
+    # tile must be complete (not merely exist).
     if not overwrite:
-        import nibabel as nib
         try:
-            depth = nib.load(str(in_path)).shape[2]
-        except Exception:
-            depth = None
-        if depth is not None and tile_bounds(depth) and all(
-                out(k).exists() for k in range(len(tile_bounds(depth)))):
+            n_tiles = len(tile_bounds(volume_io.read_nifti_header(in_path).shape[2]))
+        except volume_io.VolumeError:
+            n_tiles = 0  # read_nifti below says what is wrong
+        if n_tiles and all(volume_io.output_complete(out(k)) for k in range(n_tiles)):
             return volume_io.SKIPPED
     img, arr = volume_io.read_nifti(in_path)
     if not tile_bounds(arr.shape[0]):
         raise volume_io.Excluded(f"{in_path}: only {arr.shape[0]} slices; the published tiling "
                                  f"gives no sub-volume below {TILE_STRIDE + 1}")
     for k, tile in split_volume(arr):
-        if overwrite or not out(k).exists():
+        if overwrite or not volume_io.output_complete(out(k)):
             write_tile(tile, out(k), fmt, img, compression_level)
     return volume_io.DONE
 
 
-def list_lines(out_dir, list_file, fmt):
-    """The list file's lines: every ``*_dep*.{fmt}`` in ``out_dir``, relative, sorted."""
-    out_dir, base = Path(out_dir), Path(list_file).resolve().parent
-    names = sorted(p.name for p in out_dir.iterdir()
-                   if p.name.endswith(f".{fmt}") and "_dep" in p.name
-                   and not p.name.startswith(".") and (fmt != "nii" or not p.name.endswith(".nii.gz")))
-    rel = Path(os.path.relpath(out_dir.resolve(), base))
-    return sorted((rel / n).as_posix() for n in names)
+def subvolumes(out_dir, fmt):
+    """Every ``*_dep*.{fmt}`` sub-volume in ``out_dir`` (temporary files left out)."""
+    return [p for p in Path(out_dir).iterdir()
+            if volume_io.volume_suffix(p.name) == f".{fmt}" and "_dep" in p.name
+            and not p.name.startswith(".")]
 
 
 def get_args_parser():
@@ -137,7 +132,7 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--in_dir", default="Images_nifti_spacing",
                    help="Folder of resampled volumes (*.nii.gz) from re_spacing_ITK.py.")
-    p.add_argument("--out_dir", default="DL_patches_v2",
+    p.add_argument("--output_dir", "--out_dir", default="DL_patches_v2",
                    help="Folder for the sub-volumes (created).")
     p.add_argument("--list_file", default="SSL_data_deeplesion.txt",
                    help="List file written at the end: one sub-volume per line, relative to "
@@ -151,19 +146,15 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
-    inputs = volume_io.input_volumes(in_dir, "splitting_to_patches", "re_spacing_ITK.py")
+    out_dir = Path(args.output_dir)
+    inputs = volume_io.stage_inputs(args.in_dir, out_dir, "splitting_to_patches", "re_spacing_ITK.py")
     if inputs is None:
         return 1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    volume_io.remove_stale_temps(out_dir)
     tasks = [(str(p), (p, out_dir, args.format, args.overwrite, args.compression_level))
              for p in inputs]
-    rc = volume_io.run_tasks(split_file, tasks, args.workers, "splitting_to_patches",
+    rc = volume_io.run_tasks(split_file, tasks, args.num_workers, "splitting_to_patches",
                              out_dir / "splitting_to_patches_failures.txt")
-    lines = list_lines(out_dir, args.list_file, args.format)
-    Path(args.list_file).resolve().parent.mkdir(parents=True, exist_ok=True)
-    volume_io.write_text(args.list_file, "".join(f"{line}\n" for line in lines))
+    lines = volume_io.write_list_file(args.list_file, subvolumes(out_dir, args.format))
     print(f"splitting_to_patches: {len(lines)} sub-volumes listed in {args.list_file}",
           file=sys.stderr)
     return rc

@@ -11,6 +11,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.stats import ks_2samp
 
 import data_loader_ssl as dl
+import volume_io
 
 
 def _ct_like(shape, seed=0):
@@ -112,29 +113,57 @@ def test_corrupt_gzip_raises_naming_it(tmp_path):
         dl.load_subvolume(path)
 
 
-def test_check_list_file_messages(tmp_path):
-    root = str(tmp_path)
+def test_read_list_file_messages(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        dl.check_list_file(root, str(tmp_path / "nope.txt"))
+        volume_io.read_list_file(tmp_path / "nope.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n\n")
     with pytest.raises(ValueError, match="names no sub-volumes"):
-        dl.check_list_file(root, str(empty))
+        volume_io.read_list_file(empty)
     _write(str(tmp_path / "ok.npy"), _ct_like((4, 4, 4)))
     missing = [f"sub/m{k}.nii.gz" for k in range(7)]
     lst = tmp_path / "l.txt"
     lst.write_text("\n".join(["ok.npy"] + missing + [""]))
     with pytest.raises(FileNotFoundError) as e:
-        dl.check_list_file(root, str(lst))
+        volume_io.read_list_file(lst)
     msg = str(e.value)
-    assert "7 of 8" in msg and "sub/m0.nii.gz" in msg and "sub/m6.nii.gz" not in msg and "data root" in msg
+    assert "7 of 8" in msg and "sub/m0.nii.gz" in msg and "sub/m6.nii.gz" not in msg
+    assert "relative to its own folder" in msg
     bad = tmp_path / "b.txt"
     bad.write_text("ok.npy\nnotes.txt\n")
     with pytest.raises(ValueError, match="notes.txt"):
-        dl.check_list_file(root, str(bad))
+        volume_io.read_list_file(bad)
     good = tmp_path / "g.txt"
     good.write_text("\nok.npy\n\n")
-    assert dl.check_list_file(root, str(good)) == [os.path.join(root, "ok.npy")]
+    assert volume_io.read_list_file(good) == [os.path.join(tmp_path, "ok.npy")]
+
+
+def test_list_file_rule_one_writer_one_reader(tmp_path):
+    """Entries are relative to the list file's folder, wherever the list file is."""
+    data = tmp_path / "DL_patches_v2"
+    data.mkdir()
+    files = []
+    for k in range(3):
+        files.append(data / f"v_dep{k}.npy")
+        _write(str(files[-1]), _ct_like((4, 4, 4), k))
+    for list_file in (tmp_path / "SSL.txt", tmp_path / "lists" / "deep" / "ssl.txt"):
+        lines = volume_io.write_list_file(list_file, reversed(files))
+        assert lines == sorted(lines)
+        assert list_file.read_text().splitlines() == lines
+        got = volume_io.read_list_file(list_file)
+        assert [os.path.realpath(p) for p in got] == [os.path.realpath(p) for p in files]
+    assert (tmp_path / "SSL.txt").read_text().splitlines()[0] == "DL_patches_v2/v_dep0.npy"
+    assert (tmp_path / "lists" / "deep" / "ssl.txt").read_text().startswith("../../DL_patches_v2/")
+
+
+def test_float_subvolume_with_nan_names_the_file(tmp_path):
+    vol = _ct_like((8, 8, 4)).astype(np.float32)
+    vol[2, 3, 1] = np.nan
+    for name in ("nan.npy", "nan.nii.gz"):
+        path = str(tmp_path / name)
+        _write(path, vol)
+        with pytest.raises(ValueError, match=f"{name}.*NaN"):
+            dl.load_subvolume(path)
 
 
 # ----------------------------------------------------------------------------- views
@@ -152,7 +181,7 @@ def test_pad_volume_published_layout():
 @pytest.mark.parametrize("augment_on", ["cpu", "device"])
 def test_view_shapes_and_ranges(small_ds, augment_on):
     root, lst = small_ds
-    ds = dl.DeepLesionSSL(root, lst, local_crops_number=2, augment_on=augment_on)
+    ds = dl.DeepLesionSSL(lst, local_crops_number=2, augment_on=augment_on)
     for i in range(len(ds)):
         views = ds[i]
         assert [tuple(v.shape) for v in views] == [(1, 16, 96, 96)] * 2 + [(1, 16, 48, 48)] * 2
@@ -162,7 +191,7 @@ def test_view_shapes_and_ranges(small_ds, augment_on):
                 assert v.min() >= -1 and v.max() <= 1
             else:
                 assert v.abs().max() < 10
-    small = dl.DeepLesionSSL(root, lst, global_crop_size=(8, 32, 24), local_crop_size=(4, 16, 16),
+    small = dl.DeepLesionSSL(lst, global_crop_size=(8, 32, 24), local_crop_size=(4, 16, 16),
                              local_crops_number=1, augment_on="device")
     assert [tuple(v.shape) for v in small[3]] == [(1, 8, 32, 24)] * 2 + [(1, 4, 16, 16)]
 
@@ -187,7 +216,7 @@ def test_unscaled_view_is_a_flipped_crop():
 
 def test_determinism_epochs_ranks(small_ds):
     root, lst = small_ds
-    ds = dl.DeepLesionSSL(root, lst, local_crops_number=1)
+    ds = dl.DeepLesionSSL(lst, local_crops_number=1)
     a = ds[0]
     assert _same(a, ds[0])
     ds.set_epoch(1)
@@ -195,8 +224,8 @@ def test_determinism_epochs_ranks(small_ds):
     assert not _same(a, b)
     ds.set_epoch(0)
     assert _same(a, ds[0])
-    assert not _same(a, dl.DeepLesionSSL(root, lst, local_crops_number=1, rank=1)[0])
-    assert not _same(a, dl.DeepLesionSSL(root, lst, local_crops_number=1, seed=1)[0])
+    assert not _same(a, dl.DeepLesionSSL(lst, local_crops_number=1, rank=1)[0])
+    assert not _same(a, dl.DeepLesionSSL(lst, local_crops_number=1, seed=1)[0])
 
 
 def _loader_views(ds, workers, persistent=False, epochs=(0,)):
@@ -211,7 +240,7 @@ def _loader_views(ds, workers, persistent=False, epochs=(0,)):
 
 def test_independent_of_num_workers_and_persistent_workers(small_ds):
     root, lst = small_ds
-    ds = dl.DeepLesionSSL(root, lst, global_crop_size=(16, 64, 64), local_crop_size=(16, 32, 32),
+    ds = dl.DeepLesionSSL(lst, global_crop_size=(16, 64, 64), local_crop_size=(16, 32, 32),
                           local_crops_number=1)
     ref = _loader_views(ds, 0, epochs=(0, 1))
     assert not _same(ref[0], ref[1])
@@ -230,7 +259,7 @@ def test_distinct_parameters_across_ranks_and_workers(tmp_path):
     lst = _make_dataset(str(tmp_path), [("v.npy", vol)] * 200)
     hashes = {}
     for rank in (0, 1):
-        ds = dl.DeepLesionSSL(str(tmp_path), lst, global_crop_size=(8, 48, 48), local_crop_size=(8, 24, 24),
+        ds = dl.DeepLesionSSL(lst, global_crop_size=(8, 48, 48), local_crop_size=(8, 24, 24),
                               augment_on="device", rank=rank)
         loader = torch.utils.data.DataLoader(ds, batch_size=10, num_workers=2 if rank == 0 else 0)
         hashes[rank] = [h for batch in loader for views in zip(*batch) for h in _view_hashes(views)]

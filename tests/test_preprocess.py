@@ -2,9 +2,12 @@
 honest failure on bad inputs (issue 2, issue 5 items 1 and 3, issue 6 item 6)."""
 import csv
 import gzip
+import os
 import struct
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -164,7 +167,7 @@ def test_resize_matrix_matches_1d_cubic_spline(n_in, n_out):
         coef = ndi.spline_filter1d(smooth, order=3, mode="mirror")
         ref = ndi.map_coordinates(coef, coords[None], order=3, mode="mirror", prefilter=False)
         np.testing.assert_allclose(m @ x, ref, atol=1e-4 * 100)
-    skimage = pytest.importorskip("skimage.transform")
+    import skimage.transform as skimage  # installed by .ci/run: the fidelity tests always run
     x = rng.normal(size=n_in)
     ref = skimage.resize(x, (n_out,), order=3, mode="reflect", clip=False, preserve_range=True)
     np.testing.assert_allclose(m @ x, ref, atol=1e-4)
@@ -183,7 +186,7 @@ def test_resample_matches_published_resize():
     plain = ndi.zoom(clipped.astype(np.float64), [b / a for a, b in zip(hu.shape, out.shape)],
                      order=3, mode="mirror", grid_mode=True)
     assert np.corrcoef(out.ravel(), plain.ravel())[0, 1] >= 0.999
-    skimage = pytest.importorskip("skimage.transform")
+    import skimage.transform as skimage  # installed by .ci/run: the fidelity tests always run
     sk = np.rint(skimage.resize(clipped, out.shape, order=3, mode="reflect", clip=True,
                                 preserve_range=True))
     assert np.abs(out - sk).mean() <= 0.01
@@ -383,3 +386,142 @@ def test_split_crops_large_volumes_and_lists_relative_to_list_folder(tmp_path):
     assert np.array_equal(tile, arr[:, 32:288, 0:4])  # x: int(0.5) .. int(4.5)
     np.testing.assert_allclose(img.GetSpacing(), (0.8, 0.8, 2.5), rtol=1e-6)
     assert img.GetOrigin() == (1.0, -2.0, 3.0)
+
+
+# ----------------------------------------------------------------------------- faults (issue 10)
+
+FULL_DISK = textwrap.dedent("""
+    # a file-size limit makes every write beyond LIMIT bytes fail as on a full disk; C++
+    # writers (SimpleITK) see a short write and carry on, as they do on ENOSPC
+    import resource, signal, sys
+    sys.path.insert(0, {root!r})
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+    import {module} as stage
+    sys.exit(stage.main({argv!r}))
+""")
+
+
+def run_with_full_disk(module, argv, limit=20_000):
+    code = FULL_DISK.format(root=str(ROOT), limit=limit, module=module, argv=[str(a) for a in argv])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("stage", ["re_spacing_ITK", "splitting_to_patches nii.gz",
+                                   "splitting_to_patches nii"])
+def test_full_disk_is_a_failure_and_leaves_no_file(tmp_path, stage):
+    """A short write used to be reported as '1 done, 0 failed' with a truncated file under
+    its final name, which a re-run then skipped as complete."""
+    module, *fmt = stage.split()
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    write_volume(src / "a.nii.gz", rng.integers(-1000, 1000, (30, 64, 64)).astype(np.int16),
+                 spacing_xyz=(1.0, 1.0, 1.0))
+    out = tmp_path / "out"
+    argv = ["--in_dir", src, "--output_dir", out, "--num_workers", "1"]
+    if fmt:
+        argv += ["--format", fmt[0], "--list_file", tmp_path / "list.txt"]
+    proc = run_with_full_disk(module, argv)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "0 done" in proc.stderr and "1 failed" in proc.stderr
+    assert "not written completely" in proc.stderr or "no space left" in proc.stderr
+    assert not [p for p in out.iterdir() if volume_io.volume_suffix(p)]  # nothing under a final name
+    # an incomplete file under the final name (an older run's) is redone, not skipped
+    stage_module = __import__(module)
+    out_name = out / ("a.nii.gz" if module == "re_spacing_ITK" else f"a_dep0.{fmt[0]}")
+    out_name.write_bytes(b"\x1f\x8b" + bytes(100))
+    assert stage_module.main([str(a) for a in argv]) == 0
+    assert volume_io.output_complete(out_name)
+    assert volume_io.check_nifti_complete(out_name)
+
+
+def test_output_complete_checks_the_data_not_the_name(tmp_path):
+    arr = np.random.default_rng(0).integers(-1000, 1000, (6, 20, 20)).astype(np.int16)
+    for name in ("v.nii.gz", "v.nii", "v.npy"):
+        path = tmp_path / name
+        if name.endswith(".npy"):
+            volume_io.write_npy(arr, path)
+        else:
+            volume_io.write_sitk(sitk.GetImageFromArray(arr), path)
+        assert volume_io.output_complete(path)
+        raw = path.read_bytes()
+        path.write_bytes(raw[:-7])
+        assert not volume_io.output_complete(path)
+        path.write_bytes(b"")
+        assert not volume_io.output_complete(path)
+    assert not volume_io.output_complete(tmp_path / "missing.nii.gz")
+
+
+def test_absurd_spacing_and_malformed_csv_row_are_named(tmp_path, capsys):
+    root = make_deeplesion_set(tmp_path / "dl", n_series=2, size=32, seed=0)
+    rows = list(csv.DictReader(open(root / "DL_info.csv")))
+    rows[0]["Spacing_mm_px_"] = "0.7, 0.7, 1e6"          # stage 2 would allocate 86 GiB
+    rows.append(dict(rows[-1], Patient_index="x7"))      # one malformed row among good ones
+    with open(root / "DL_info.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "nifti"
+    rc = stage1.main(["--png_dir", str(root / "Images_png"), "--info_csv", str(root / "DL_info.csv"),
+                      "--output_dir", str(out), "--num_workers", "1"])
+    assert rc == 1
+    report = (out / "DL_save_nifti_failures.txt").read_text()
+    assert "1e6" in report and "(0, 100] mm" in report
+    assert f"DL_info.csv:{len(rows) + 1}" in report and "'x7'" in report
+    assert list(out.glob("*.nii.gz"))                    # the good series were converted
+    # stage 2 refuses an absurd header spacing per file instead of allocating it
+    (tmp_path / "z").mkdir()
+    vol = write_volume(tmp_path / "z" / "huge.nii.gz", np.zeros((4, 64, 64), np.int16),
+                       spacing_xyz=(0.7, 0.7, 1e6))
+    rc = stage2.main(["--in_dir", str(vol.parent), "--output_dir", str(tmp_path / "z_out"),
+                      "--num_workers", "1"])
+    assert rc == 1
+    assert "more than 2**30" in (tmp_path / "z_out" / "re_spacing_ITK_failures.txt").read_text()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--num_workers", "0"], "--num_workers"), (["--spacing", "1", "0", "1"], "--spacing"),
+    (["--spacing", "1", "nan", "1"], "--spacing"), (["--compression_level", "0"], "--compression_level"),
+    (["--overwrite", "maybe"], "--overwrite")])
+def test_invalid_arguments_fail_before_any_work(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        stage2.main(argv + ["--in_dir", "does-not-matter"])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """SIGKILL of a preprocessing run with 2 workers used to leave both workers running."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(6):
+        write_volume(src / f"v{k}.nii.gz", np.zeros((60, 200, 200), np.int16))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "re_spacing_ITK.py"), "--in_dir", str(src),
+                             "--output_dir", str(tmp_path / "out"), "--num_workers", "2",
+                             "--spacing", "0.5", "0.5", "0.5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children():
+        found = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                    found.append(int(p.name))
+            except (OSError, ValueError, IndexError):
+                pass
+        return found
+    deadline = time.time() + 60
+    while len(children()) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = children()
+    assert workers, "the pool never started"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()
+                 and "Z" not in Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    assert not alive, f"worker processes {alive} outlived their killed parent"
