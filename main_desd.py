@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
+import itertools
 import math
-import os
 import sys
 import time
-import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,123 +28,144 @@ import torch.nn.functional as F
 from torch import nn
 
 import utils
-from models import ARCHS, DINOHead, ResNet3D, build_backbone
+import volume_io
+from data_loader_ssl import BatchIntensityAugment, DeepLesionSSL
+from models import ARCHS, DINOHead, ResNet3D, build_backbone, save_backbone
+from volume_io import BOOL, float_in, int_at_least
 
 NUM_STAGES = 4
+STAGES = tuple(range(1, NUM_STAGES + 1))
 
 
 # ============================================================================ arguments
 
+class _UseFp16(argparse.Action):
+    """The published `--use_fp16 True/False`: an alias of `--precision auto/fp32`."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.precision = "auto" if value else "fp32"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("DeSD", add_help=False)
-    b = utils.bool_flag
+    positive, nonneg = float_in(0.0, low_open=True), float_in(0.0)
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="res3d18", choices=list(ARCHS),
                    help="Backbone. The published run uses res3d50 (46M parameters); res3d10 is "
                         "the smallest, for smoke tests.")
-    g.add_argument("--out_dim", default=65536, type=int,
+    g.add_argument("--out_dim", default=65536, type=int_at_least(1),
                    help="Prototypes of every DINO head (published run: 60000). Larger is slower "
                         "and needs more memory; DINO found 65536 works well.")
-    g.add_argument("--norm_last_layer", default=True, type=b,
+    g.add_argument("--norm_last_layer", default=True, **BOOL,
                    help="Fix the weight norm of the heads' last layer (True, as the published "
                         "code always ran; the release parsed this flag but never used it). "
                         "False can help quality but makes training less stable.")
-    g.add_argument("--momentum_teacher", default=0.996, type=float,
+    g.add_argument("--momentum_teacher", default=0.996, type=float_in(0.0, 1.0),
                    help="Base EMA momentum of the teacher, raised to 1 by a cosine schedule. "
                         "0.996 is good for batch 256; use 0.9995 for small batches.")
-    g.add_argument("--use_bn_in_head", default=False, type=b,
+    g.add_argument("--use_bn_in_head", default=False, **BOOL,
                    help="BatchNorm1d in the projection heads (published run: True). Synchronised "
                         "across GPUs when several GPUs are used.")
-    g.add_argument("--head_hidden_dim", default=2048, type=int,
+    g.add_argument("--head_hidden_dim", default=2048, type=int_at_least(1),
                    help="Hidden width of the projection heads (published: 2048); smaller only for "
                         "smoke tests.")
-    g.add_argument("--head_bottleneck_dim", default=256, type=int,
+    g.add_argument("--head_bottleneck_dim", default=256, type=int_at_least(1),
                    help="Bottleneck width before the heads' last layer (published: 256).")
-    g.add_argument("--stage_weights", default=[0.25] * 4, type=float, nargs=4, metavar="W",
+    g.add_argument("--stage_weights", default=[0.25] * 4, type=nonneg, nargs=4, metavar="W",
                    help="Loss weights of stages 1-4. 0.25 0.25 0.25 0.25 is the published DeSD "
                         "loss; 0 0 0 1 is plain DINO on the same backbone. Stages with weight 0 "
                         "get no head.")
 
     g = p.add_argument_group("temperatures")
-    g.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+    g.add_argument("--warmup_teacher_temp", default=0.04, type=positive,
                    help="Teacher temperature at the start of the warm-up (0.04 is a safe start).")
-    g.add_argument("--teacher_temp", default=0.04, type=float,
+    g.add_argument("--teacher_temp", default=0.04, type=positive,
                    help="Teacher temperature after the warm-up (published run: 0.07). Above 0.07 "
                         "training tends to be unstable.")
-    g.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+    g.add_argument("--warmup_teacher_temp_epochs", default=0, type=int_at_least(0),
                    help="Epochs of linear warm-up of the teacher temperature (published run: 20).")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--use_fp16", default=True, type=b,
-                   help="Mixed precision on GPU: bf16 autocast where the GPU supports it, else "
-                        "fp16 with a gradient scaler. False trains in fp32 (published run). "
-                        "--precision overrides this.")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: follow --use_fp16 on GPU and use fp32 on CPU. bf16/fp16 force "
-                        "autocast (fp16 with a gradient scaler); fp32 disables it.")
-    g.add_argument("--weight_decay", default=0.04, type=float,
+                   help="auto: bf16 autocast on GPUs that support it, else fp16 with a gradient "
+                        "scaler; fp32 on a CPU. bf16/fp16 force autocast, fp32 disables it.")
+    g.add_argument("--use_fp16", action=_UseFp16, dest="precision", default=argparse.SUPPRESS,
+                   **BOOL,
+                   help="The published flag, an alias: True = --precision auto, False = "
+                        "--precision fp32 (published run: False). The last of the two wins.")
+    g.add_argument("--weight_decay", default=0.04, type=nonneg,
                    help="Initial weight decay (published run: 1e-6).")
-    g.add_argument("--weight_decay_end", default=0.4, type=float,
+    g.add_argument("--weight_decay_end", default=0.4, type=nonneg,
                    help="Final weight decay, reached by a cosine schedule (published run: 1e-6).")
-    g.add_argument("--clip_grad", default=3.0, type=float,
+    g.add_argument("--clip_grad", default=3.0, type=nonneg,
                    help="Maximal gradient norm of each parameter; 0 disables clipping "
                         "(published run: 0).")
-    g.add_argument("--batch_size_per_gpu", default=32, type=int,
+    g.add_argument("--batch_size_per_gpu", default=32, type=int_at_least(1),
                    help="Samples per process and iteration (published run: 32 on each of 6 GPUs).")
-    g.add_argument("--epochs", default=100, type=int, help="Training epochs (published run: 300).")
-    g.add_argument("--freeze_last_layer", default=1, type=int,
+    g.add_argument("--epochs", default=100, type=int_at_least(1),
+                   help="Training epochs (published run: 300).")
+    g.add_argument("--freeze_last_layer", default=1, type=int_at_least(0),
                    help="Epochs during which the heads' last layer is not updated (1 helps the "
                         "first epoch; raise it if the loss does not decrease).")
-    g.add_argument("--lr", default=0.0005, type=float,
+    g.add_argument("--lr", default=0.0005, type=nonneg,
                    help="Peak learning rate for a total batch of 256, scaled linearly with the "
                         "total batch (published run: 0.3 with sgd).")
-    g.add_argument("--warmup_epochs", default=10, type=int,
-                   help="Epochs of linear learning-rate warm-up from 0.")
-    g.add_argument("--min_lr", default=1e-6, type=float,
+    g.add_argument("--warmup_epochs", default=10, type=int_at_least(0),
+                   help="Epochs of linear learning-rate warm-up from 0 (at most --epochs).")
+    g.add_argument("--min_lr", default=1e-6, type=nonneg,
                    help="Learning rate at the end of the cosine schedule (published run: 0.048).")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
                    help="adamw (default), sgd with momentum 0.9 (published run), or lars.")
 
     g = p.add_argument_group("views and augmentation")
-    g.add_argument("--local_crops_number", default=0, type=int,
+    g.add_argument("--local_crops_number", default=0, type=int_at_least(0),
                    help="Local views per sample besides the two global views (published: 0).")
-    g.add_argument("--global_crop_size", default=[16, 96, 96], type=int, nargs=3, metavar=("D", "H", "W"),
-                   help="Size of the global views (published: 16 96 96).")
-    g.add_argument("--local_crop_size", default=[16, 48, 48], type=int, nargs=3, metavar=("D", "H", "W"),
-                   help="Size of the local views (published: 16 48 48).")
+    g.add_argument("--global_crop_size", default=[16, 96, 96], type=int_at_least(1), nargs=3,
+                   metavar=("D", "H", "W"), help="Size of the global views (published: 16 96 96).")
+    g.add_argument("--local_crop_size", default=[16, 48, 48], type=int_at_least(1), nargs=3,
+                   metavar=("D", "H", "W"),
+                   help="Size of the local views, at most the global size (published: 16 48 48).")
+    g.add_argument("--global_crops_scale", default=[0.4, 1.0], type=float, nargs=2,
+                   metavar=("MIN", "MAX"),
+                   help="Accepted for the published command and ignored, as in the release (its "
+                        "crop scales are fixed, SPEC.md §4).")
+    g.add_argument("--local_crops_scale", default=[0.05, 0.4], type=float, nargs=2,
+                   metavar=("MIN", "MAX"),
+                   help="Accepted for the published command and ignored, as in the release.")
     g.add_argument("--augment_on", default="device", choices=["device", "cpu"],
                    help="Where the intensity transforms run: 'device' = batched on the training "
                         "device (GPU when present), 'cpu' = per sample in the DataLoader workers "
                         "as the release did. Both are the same transform.")
-    g.add_argument("--aug_per_volume", default=False, type=b,
+    g.add_argument("--aug_per_volume", default=False, **BOOL,
                    help="Draw intensity-transform parameters once per view instead of once per "
                         "depth slice (the release, by a quirk, drew them per slice).")
 
     g = p.add_argument_group("data and output")
     g.add_argument("--data_path", default=".", type=str,
-                   help="Data root; the entries of the list file are relative to it.")
+                   help="Folder that a relative --list_path is found in.")
     g.add_argument("--list_path", "--list_file", default="SSL_data_deeplesion.txt", type=str,
                    help="List file of sub-volumes (written by splitting_to_patches.py), relative "
-                        "to --data_path unless absolute.")
+                        "to --data_path unless absolute. Its entries are relative to its own "
+                        "folder.")
     g.add_argument("--output_dir", default=".", type=str,
                    help="Where checkpoints and log.txt go; training resumes from its checkpoint.pth.")
-    g.add_argument("--saveckp_freq", default=50, type=int,
+    g.add_argument("--saveckp_freq", default=50, type=int_at_least(0),
                    help="Also keep checkpoint{epoch:04}.pth every this many epochs (0: never).")
     g.add_argument("--seed", default=0, type=int,
                    help="Seed; every process uses seed + rank and every sample its own stream.")
-    g.add_argument("--num_workers", default=10, type=int,
+    g.add_argument("--num_workers", default=10, type=int_at_least(0),
                    help="DataLoader worker processes per GPU (published: 10).")
-    g.add_argument("--max_iters_per_epoch", default=0, type=int,
+    g.add_argument("--max_iters_per_epoch", default=0, type=int_at_least(0),
                    help="Cap on iterations per epoch (0: the whole data set); for smoke tests.")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--channels_last", default=False, type=b,
+    g.add_argument("--channels_last", default=False, **BOOL,
                    help="Use the channels_last_3d memory format on GPU (measure: it can help "
                         "convolutions in bf16).")
-    g.add_argument("--compile", default=False, type=b,
+    g.add_argument("--compile", default=False, **BOOL,
                    help="torch.compile the networks (slow first iterations, faster after).")
-    g.add_argument("--print_freq", default=10, type=int,
+    g.add_argument("--print_freq", default=10, type=int_at_least(1),
                    help="Iterations between progress lines; losses are read from the device and "
                         "checked for NaN only this often.")
 
@@ -154,15 +173,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_url", default="env://", type=str,
                    help="Process-group init method; env:// reads MASTER_ADDR/MASTER_PORT as set "
                         "by torchrun.")
-    g.add_argument("--dist_timeout", default=30.0, type=float,
+    g.add_argument("--dist_timeout", default=30.0, type=positive,
                    help="Minutes a collective may wait for the other processes before failing.")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int,
                    help="Accepted for old launchers and ignored: LOCAL_RANK is read from the "
                         "environment.")
-    g.add_argument("--tensorboard", default=False, type=b,
+    g.add_argument("--tensorboard", default=False, **BOOL,
                    help="Also write TensorBoard scalars to <output_dir>/tb (needs the "
                         "tensorboard package).")
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the arguments; a bad value or combination stops here, naming the
+    flag, before any work (argparse exits with code 2)."""
+    parser = argparse.ArgumentParser("DeSD pre-training", parents=[get_args_parser()],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    args = parser.parse_args(argv)
+    for flag in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+        if getattr(args, flag) > args.epochs:
+            parser.error(f"--{flag} {getattr(args, flag)} exceeds --epochs {args.epochs}")
+    if not any(args.stage_weights):
+        parser.error("--stage_weights are all 0: nothing would be trained (published: "
+                     "0.25 0.25 0.25 0.25; DINO: 0 0 0 1)")
+    if any(lc > gc for lc, gc in zip(args.local_crop_size, args.global_crop_size)):
+        parser.error(f"--local_crop_size {args.local_crop_size} exceeds --global_crop_size "
+                     f"{args.global_crop_size} in some dimension")
+    with torch.device("meta"):  # shapes only
+        backbone = build_backbone(args.arch)
+    for size in [args.global_crop_size] + [args.local_crop_size] * bool(args.local_crops_number):
+        if math.prod(last := backbone.stage_shapes(size)[-1]) < 2:
+            parser.error(f"crop size {list(size)} leaves a {last} map at stage 4 of {args.arch}; "
+                         f"instance norm needs at least 2 voxels: use larger crops (e.g. 16 48 48)")
+    return args
 
 
 # ============================================================================ networks
@@ -173,33 +216,28 @@ class MultiStageNet(nn.Module):
     The student has a head on stage 4 (`head`) and on every other stage with a non-zero
     loss weight (`deep_heads.stage{k}`); the teacher has only `head`. Both come from
     `build_network`, so teacher names are a subset of the student's and the EMA pairs
-    parameters by name.
+    parameters by name. `deep_stages` lists the stages (integers) with a deep head.
     """
 
     def __init__(self, backbone: ResNet3D, head: DINOHead, deep_heads: dict[int, DINOHead]):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.deep_heads = nn.ModuleDict({f"stage{k}": h for k, h in sorted(deep_heads.items())})
+        self.deep_stages = sorted(deep_heads)
+        self.deep_heads = nn.ModuleDict({f"stage{k}": deep_heads[k] for k in self.deep_stages})
 
     def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Run the backbone once per run of same-sized crops; returns one output per stage
         (None where the stage has no head), each `[len(crops) * B, out_dim]`."""
-        feats: list[list[torch.Tensor]] = [[] for _ in range(NUM_STAGES)]
-        start = 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-3:] == crops[start].shape[-3:]:
-                end += 1
-            for k, f in enumerate(self.backbone(torch.cat(crops[start:end]))):
+        feats: list[list[torch.Tensor]] = [[] for _ in STAGES]
+        for _, same_size in itertools.groupby(crops, key=lambda c: c.shape[-3:]):
+            for k, f in enumerate(self.backbone(torch.cat(list(same_size)))):
                 feats[k].append(f)
-            start = end
         pooled = [torch.cat(f) for f in feats]
         out: list[torch.Tensor | None] = [None] * NUM_STAGES
         out[-1] = self.head(pooled[-1])
-        for name, head in self.deep_heads.items():
-            k = int(name.removeprefix("stage")) - 1
-            out[k] = head(pooled[k])
+        for k in self.deep_stages:
+            out[k - 1] = self.deep_heads[f"stage{k}"](pooled[k - 1])
         return out
 
 
@@ -208,29 +246,34 @@ def build_network(args, deep_stages: list[int]) -> MultiStageNet:
 
     def head(k: int) -> DINOHead:
         return DINOHead(backbone.stage_channels[k - 1], args.out_dim, use_bn=args.use_bn_in_head,
-                        norm_last_layer=args.norm_last_layer,
-                        hidden_dim=getattr(args, "head_hidden_dim", 2048),
-                        bottleneck_dim=getattr(args, "head_bottleneck_dim", 256))
+                        norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
+                        bottleneck_dim=args.head_bottleneck_dim)
     return MultiStageNet(backbone, head(NUM_STAGES), {k: head(k) for k in deep_stages})
 
 
-def build_models(args, device: torch.device, world: int = 1) -> SimpleNamespace:
-    """Student and teacher from one constructor, the teacher a copy of the student's
-    backbone and last head, frozen; the EMA pairing; DDP/SyncBatchNorm with several
-    processes; optional channels_last and torch.compile.
+@dataclass
+class Nets:
+    """`student`/`teacher`: the plain modules (checkpoints, EMA); `student_ddp`: what gets
+    gradients (DDP with several processes); `student_fwd`/`teacher_fwd`: what is called
+    (compiled or not)."""
+    student: MultiStageNet
+    teacher: MultiStageNet
+    student_ddp: nn.Module
+    student_fwd: nn.Module
+    teacher_fwd: nn.Module
+    ema: utils.TeacherEMA
 
-    Returns `student`, `teacher` (plain modules), `student_ddp` (what gets gradients),
-    `student_fwd`/`teacher_fwd` (what is called: compiled or not) and `ema`.
-    """
-    deep_stages = [k for k in range(1, NUM_STAGES) if args.stage_weights[k - 1] != 0]
-    student = build_network(args, deep_stages)
-    crops = [args.global_crop_size] + ([args.local_crop_size] if args.local_crops_number else [])
-    for size in crops:
-        last = student.backbone.stage_shapes(size)[-1]
-        if math.prod(last) < 2:  # instance norm needs more than one voxel
-            raise SystemExit(f"crop size {list(size)} leaves a {last} map at stage 4 of "
-                             f"{args.arch}; instance norm needs at least 2 voxels: use larger "
-                             f"crops (e.g. 16 48 48 or more)")
+
+def build_models(args, device: torch.device, world: int = 1) -> Nets:
+    """Student and teacher from one constructor, the teacher a frozen copy of the student's
+    backbone and last head. Every process builds the same initial weights (seeded with
+    --seed alone) and takes rank 0's teacher, so all ranks start from one teacher and
+    resuming is exact. DDP/SyncBatchNorm with several processes; optional channels_last
+    and torch.compile."""
+    deep_stages = [k for k in STAGES[:-1] if args.stage_weights[k - 1] != 0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        student = build_network(args, deep_stages)
     teacher = build_network(args, [])
     s_state = student.state_dict()
     teacher.load_state_dict({k: s_state[k] for k in teacher.state_dict()})
@@ -244,12 +287,13 @@ def build_models(args, device: torch.device, world: int = 1) -> SimpleNamespace:
         teacher = teacher.to(memory_format=torch.channels_last_3d)
     student_ddp = student
     if world > 1:
-        student_ddp = nn.parallel.DistributedDataParallel(
+        student_ddp = nn.parallel.DistributedDataParallel(  # broadcasts rank 0's student
             student, device_ids=[device.index] if device.type == "cuda" else None)
+        for t in [*teacher.parameters(), *teacher.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
     compile_ = torch.compile if args.compile else (lambda m: m)
-    return SimpleNamespace(student=student, teacher=teacher, student_ddp=student_ddp,
-                           student_fwd=compile_(student_ddp), teacher_fwd=compile_(teacher),
-                           ema=TeacherEMA(student, teacher))
+    return Nets(student, teacher, student_ddp, compile_(student_ddp), compile_(teacher),
+                utils.TeacherEMA(student, teacher))
 
 
 def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
@@ -263,41 +307,19 @@ def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
     return utils.LARS(groups)
 
 
-class TeacherEMA:
-    """`t <- m t + (1 - m) s` for every teacher parameter, paired with the student's
-    parameter of the same name, in one fused `_foreach` call."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module):
-        s_params = dict(student.named_parameters())
-        t_named = list(teacher.named_parameters())
-        missing = [n for n, _ in t_named if n not in s_params]
-        if missing:
-            raise ValueError(f"teacher parameters without a student counterpart: {missing[:5]}")
-        for n, t in t_named:
-            if s_params[n].shape != t.shape:
-                raise ValueError(f"shape mismatch for {n}: student {tuple(s_params[n].shape)}, "
-                                 f"teacher {tuple(t.shape)}")
-        self.t = [t for _, t in t_named]
-        self.s = [s_params[n] for n, _ in t_named]
-
-    @torch.no_grad()
-    def update(self, momentum: float) -> None:
-        torch._foreach_lerp_(self.t, self.s, 1.0 - momentum)  # one pass over memory
-
-
 # ============================================================================ loss
 
 class DeSDLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher (last stage, global views) and
-    the student's output on every stage (SPEC.md §6).
+    the student's output on every stage (SPEC.md §6), next to DINO's loss: the same pair
+    loop over (teacher view i, student view v != i), once per stage with a head.
 
     `forward(student_output, teacher_output, epoch)` takes the list of per-stage student
     outputs (`[ncrops * B, out_dim]`, None for a stage without head) and the teacher's
     `[2 * B, out_dim]`, and returns `(total, loss_ssl, deep_loss_1, deep_loss_2, deep_loss_3)`:
     `loss_ssl` is stage 4's term, `deep_loss_k` stage k's, `total` their weighted sum
-    (published weights 0.25 each). After each call, `last_stats` holds device tensors for
-    collapse monitoring: teacher entropy, entropy of the batch-mean teacher distribution,
-    and KL(teacher || student) per stage.
+    (published weights 0.25 each). `terms(...)` is the same computation returning every
+    named term and the collapse statistics as a dict of device tensors.
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
@@ -311,43 +333,46 @@ class DeSDLoss(nn.Module):
         self.ncrops = ncrops
         self.stage_weights = [float(w) for w in stage_weights]
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp))
-        self.last_stats: dict[str, torch.Tensor] = {}
+        # per epoch: linear warm-up, then constant
+        self.teacher_temp_schedule = utils.cosine_scheduler(
+            teacher_temp, teacher_temp, nepochs, 1, warmup_epochs=warmup_teacher_temp_epochs,
+            start_warmup_value=warmup_teacher_temp)
 
     def forward(self, student_output, teacher_output: torch.Tensor, epoch: int):
+        t = self.terms(student_output, teacher_output, epoch)
+        zero = t["total_loss"].new_zeros(())
+        return (t["total_loss"], t["loss_ssl"],
+                *(t.get(f"deep_loss_{k}", zero) for k in STAGES[:-1]))
+
+    def terms(self, student_output, teacher_output: torch.Tensor, epoch: int
+              ) -> dict[str, torch.Tensor]:
+        """`total_loss`, `loss_ssl`, `deep_loss_k` (stages with a head), and, without
+        gradient, `teacher_entropy`, `teacher_batch_entropy` and `kl_stage{k}`. Updates
+        the center. No host synchronisation."""
         temp = float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
         t = teacher_output.float()
-        q = F.softmax((t - self.center) / temp, dim=-1).detach()          # [2B, K]
-        batch = q.shape[0] // 2
-        q2 = q.reshape(2, batch * q.shape[1])
-        # every (teacher view i, student view v != i) pair, averaged; a weighted sum rather
-        # than boolean indexing, which would be a host sync on CUDA
-        pair_w = 1.0 - torch.eye(2, self.ncrops, device=q.device)
-        pair_w = pair_w / pair_w.sum()
-        stage_terms: list[torch.Tensor] = []
-        for s in student_output:
+        q = F.softmax((t - self.center) / temp, dim=-1).detach()
+        q_views = q.chunk(2)
+        stage_loss: dict[int, torch.Tensor] = {}
+        for k, s in zip(STAGES, student_output):
             if s is None:
-                stage_terms.append(q.new_zeros(()))
                 continue
-            logp = F.log_softmax(s.float() / self.student_temp, dim=-1)
-            ce = -(q2 @ logp.reshape(self.ncrops, -1).T) / batch      # [2, ncrops], batch means
-            stage_terms.append((ce * pair_w).sum())
-        total = sum(w * term for w, term in zip(self.stage_weights, stage_terms))
-
+            logp_views = F.log_softmax(s.float() / self.student_temp, dim=-1).chunk(self.ncrops)
+            pairs = [-(q_views[i] * logp_views[v]).sum(-1).mean()
+                     for i in range(2) for v in range(self.ncrops) if v != i]
+            stage_loss[k] = torch.stack(pairs).mean()
+        out = {"total_loss": sum(self.stage_weights[k - 1] * v for k, v in stage_loss.items()),
+               "loss_ssl": stage_loss[NUM_STAGES]}
+        out |= {f"deep_loss_{k}": v for k, v in stage_loss.items() if k != NUM_STAGES}
         with torch.no_grad():
             entropy = -(q * torch.log(q.clamp_min(1e-30))).sum(-1).mean()
             mean_q = q.mean(0)
-            self.last_stats = {
-                "teacher_entropy": entropy,
-                "teacher_batch_entropy": -(mean_q * torch.log(mean_q.clamp_min(1e-30))).sum(),
-                # CE(q, p_v) - H(q) averaged over the same pairs = KL(teacher || student)
-                **{f"kl_stage{k + 1}": term.detach() - entropy
-                   for k, (term, s) in enumerate(zip(stage_terms, student_output)) if s is not None},
-            }
+            out["teacher_entropy"] = entropy
+            out["teacher_batch_entropy"] = -(mean_q * torch.log(mean_q.clamp_min(1e-30))).sum()
+            # the cross-entropy averaged over pairs minus H(teacher) = KL(teacher || student)
+            out |= {f"kl_stage{k}": v.detach() - entropy for k, v in stage_loss.items()}
         self.update_center(t)
-        return total, stage_terms[3], stage_terms[0], stage_terms[1], stage_terms[2]
+        return out
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -357,74 +382,29 @@ class DeSDLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
-# ============================================================================ training
-
-LOG_KEYS = ("total_loss", "loss_ssl", "deep_loss_1", "deep_loss_2", "deep_loss_3",
-            "teacher_entropy", "teacher_batch_entropy",
-            "kl_stage1", "kl_stage2", "kl_stage3", "kl_stage4")
-
-
-def resolve_precision(args, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype (None = fp32)."""
-    choice = args.precision
-    if choice == "auto":
-        if device.type != "cuda" or not args.use_fp16:
-            return None
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+def build_loss(args) -> DeSDLoss:
+    return DeSDLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp,
+                    args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
+                    stage_weights=args.stage_weights)
 
 
-def prefixed(state: dict, prefix: str = "module.") -> dict:
-    return {prefix + k: v for k, v in state.items()}
+# ============================================================================ data and schedules
 
-
-def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
-    """DINO's collapse signatures: a uniform or a one-hot teacher, a student equal to it."""
-    warns = []
-    ln_k = math.log(out_dim)
-    h = stats.get("teacher_entropy")
-    if h is not None and h > 0.99 * ln_k:
-        warns.append(f"teacher entropy {h:.3f} > 0.99 ln(out_dim) = {0.99 * ln_k:.3f}: the teacher "
-                     f"is uniform (collapse); lower --teacher_temp or check the centering")
-    if h is not None and h < 0.01 * ln_k:
-        warns.append(f"teacher entropy {h:.4f} < 0.01 ln(out_dim) = {0.01 * ln_k:.4f}: the teacher "
-                     f"is one-hot (collapse to one prototype)")
-    for k in range(1, NUM_STAGES + 1):
-        kl = stats.get(f"kl_stage{k}")
-        if kl is not None and kl < 1e-3:
-            warns.append(f"KL(teacher || student) on stage {k} is {kl:.2e} < 1e-3: the student "
-                         f"copies the teacher (collapse)")
-    return warns
-
-
-def train(args) -> None:
-    # ------------------------------------------------------------------ set-up
-    rank, world, device = utils.init_distributed(args.dist_url, args.dist_timeout)
-    utils.seed_everything(args.seed + rank)
-    out_dir = Path(args.output_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    amp_dtype = resolve_precision(args, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # crop sizes are fixed
-    utils.print_rank0(f"DeSD: {world} process(es) on {device}, precision "
-                      f"{amp_dtype or torch.float32}; arguments:\n"
-                      + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
-
-    # ------------------------------------------------------------------ data
-    from data_loader_ssl import BatchIntensityAugment, DeepLesionSSL
+def build_loader(args, rank: int, world: int, device: torch.device):
+    """(dataset, sampler, loader, iterations per epoch). The list file is `--list_path`,
+    relative to `--data_path` unless absolute; its entries are relative to its folder."""
     list_path = Path(args.list_path)
     if not list_path.is_absolute():
         list_path = Path(args.data_path) / list_path
-    dataset = DeepLesionSSL(args.data_path, list_path,
-                            global_crop_size=tuple(args.global_crop_size),
+    dataset = DeepLesionSSL(list_path, global_crop_size=tuple(args.global_crop_size),
                             local_crop_size=tuple(args.local_crop_size),
                             local_crops_number=args.local_crops_number,
                             augment_on=args.augment_on, per_slice=not args.aug_per_volume,
                             seed=args.seed, rank=rank)
     if len(dataset) < args.batch_size_per_gpu * world:
-        raise SystemExit(f"the data set has {len(dataset)} sub-volumes, fewer than one batch of "
-                         f"{args.batch_size_per_gpu} x {world} processes; lower --batch_size_per_gpu")
+        raise ValueError(f"the data set has {len(dataset)} sub-volumes, fewer than one batch of "
+                         f"{args.batch_size_per_gpu} x {world} processes; lower "
+                         f"--batch_size_per_gpu")
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
                                                   shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(
@@ -433,253 +413,267 @@ def train(args) -> None:
         persistent_workers=args.num_workers > 0,
         prefetch_factor=4 if args.num_workers > 0 else None,
         worker_init_fn=functools.partial(utils.seed_worker, base_seed=utils.sub_seed(args.seed, rank)))
-    niter = len(loader) if not args.max_iters_per_epoch else min(len(loader), args.max_iters_per_epoch)
-    augment = BatchIntensityAugment(per_slice=not args.aug_per_volume) if args.augment_on == "device" else None
-    aug_gen = torch.Generator(device=device)
-    utils.print_rank0(f"data: {len(dataset)} sub-volumes, {niter} iterations per epoch")
+    niter = min(len(loader), args.max_iters_per_epoch or len(loader))
+    return dataset, sampler, loader, niter
 
-    # ------------------------------------------------------------------ networks
-    nets = build_models(args, device, world)
-    student_plain, teacher_plain = nets.student, nets.teacher
-    n_params = sum(p.numel() for p in student_plain.parameters()) / 1e6
-    utils.print_rank0(f"student {args.arch}: {n_params:.1f}M parameters, heads on stages "
-                      f"{sorted(int(k[5:]) for k in student_plain.deep_heads) + [NUM_STAGES]}")
 
-    # ------------------------------------------------------------------ loss
-    ncrops = 2 + args.local_crops_number
-    desd_loss = DeSDLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs,
-                         stage_weights=args.stage_weights).to(device)
+@dataclass
+class Schedules:
+    """Per-iteration values (DINO's schedules), indexed by epoch * niter + i."""
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    niter: int
 
-    # ------------------------------------------------------------------ optimiser
-    optimizer = build_optimizer(args, student_plain)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    def at_end_of(self, epoch: int) -> dict[str, float]:
+        it = (epoch + 1) * self.niter - 1
+        return {"lr": float(self.lr[it]), "wd": float(self.wd[it]),
+                "momentum": float(self.momentum[it])}
 
-    # ------------------------------------------------------------------ schedules
-    total_batch = args.batch_size_per_gpu * world
-    lr_schedule = utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs,
-                                         niter, warmup_epochs=args.warmup_epochs)
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
-    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter)
 
-    # ------------------------------------------------------------------ resume
-    ckpt_path = out_dir / "checkpoint.pth"
-    ckpt, source = utils.load_checkpoint_with_fallback(ckpt_path)
-    start_epoch = 0
-    if ckpt is not None:
-        student_plain.load_state_dict(utils.strip_prefix(ckpt["student"], "module."))
-        teacher_plain.load_state_dict(utils.strip_prefix(ckpt["teacher"], "module."))
+def build_schedules(args, niter: int, world: int) -> Schedules:
+    """The learning rate scales with the total batch (lr per 256), warms up linearly and
+    follows a cosine to --min_lr; weight decay and teacher momentum follow cosines."""
+    peak = args.lr * args.batch_size_per_gpu * world / 256.0
+    return Schedules(
+        lr=utils.cosine_scheduler(peak, args.min_lr, args.epochs, niter,
+                                  warmup_epochs=args.warmup_epochs),
+        wd=utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
+        momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter),
+        niter=niter)
+
+
+# ============================================================================ checkpoints
+
+def _prefixed(state: dict) -> dict:
+    return {"module." + k: v for k, v in state.items()}
+
+
+def _unprefixed(state: dict) -> dict:
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def resume(path: Path, nets: Nets, optimizer, loss_fn: DeSDLoss, scaler, rank: int,
+           world: int) -> tuple[int, list[dict]]:
+    """Load `path` (or its `_prev` copy) into everything; returns (next epoch, the log rows
+    of the epochs before it)."""
+    ckpt, source = utils.load_checkpoint_with_fallback(path)
+    if ckpt is None:
+        return 0, []
+    if any(k.removeprefix("module.").startswith("head_") for k in ckpt["student"]):
+        widths = {nets.student.backbone.stage_channels[k - 1]: k for k in nets.student.deep_stages}
+        for note in utils.adapt_published_checkpoint(ckpt, widths, optimizer):
+            utils.print_rank0(f"resume: {note}")
+    nets.student.load_state_dict(_unprefixed(ckpt["student"]))
+    nets.teacher.load_state_dict(_unprefixed(ckpt["teacher"]))
+    if "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        desd_loss.load_state_dict(ckpt["desd_loss"])
-        if "fp16_scaler" in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["fp16_scaler"])
-        rng = ckpt.get("rng")
-        if rng and len(rng) == world:
-            utils.set_rng_state(rng[rank])
-        start_epoch = int(ckpt["epoch"])
-        utils.print_rank0(f"resumed from {source} at epoch {start_epoch}")
-        del ckpt
-
-    writer = None
-    if args.tensorboard and rank == 0:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out_dir / "tb"))
-        except ImportError:
-            warnings.warn("--tensorboard given but the tensorboard package is not installed; "
-                          "pip install tensorboard")
-
-    # ------------------------------------------------------------------ loop
-    ctx = dict(args=args, student=nets.student_ddp, teacher=teacher_plain,
-               student_fwd=nets.student_fwd, teacher_fwd=nets.teacher_fwd, ema=nets.ema,
-               loss_fn=desd_loss, optimizer=optimizer,
-               scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-               momentum_schedule=momentum_schedule, loader=loader, niter=niter, device=device,
-               amp_dtype=amp_dtype, augment=augment, aug_gen=aug_gen, rank=rank)
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        t0 = time.time()
-        stats = train_one_epoch(epoch=epoch, **ctx)
-        seconds = time.time() - t0
-        stats.update(epoch=epoch, seconds=round(seconds, 2),
-                     samples_per_s=round(niter * total_batch / seconds, 2),
-                     lr=float(lr_schedule[(epoch + 1) * niter - 1]),
-                     wd=float(wd_schedule[(epoch + 1) * niter - 1]),
-                     momentum=float(momentum_schedule[(epoch + 1) * niter - 1]),
-                     teacher_temp=float(desd_loss.teacher_temp_schedule[min(epoch, args.epochs - 1)]),
-                     ln_out_dim=math.log(args.out_dim))
-        save = {
-            "student": prefixed(student_plain.state_dict()),
-            "teacher": prefixed(teacher_plain.state_dict()),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1,
-            "args": utils.plain(vars(args)),
-            "desd_loss": desd_loss.state_dict(),
-            "rng": gather_rng_states(),
-        }
-        if scaler.is_enabled():
-            save["fp16_scaler"] = scaler.state_dict()
-        if rank == 0:
-            utils.atomic_save(save, ckpt_path, keep_previous=True)
-            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                utils.atomic_save(save, out_dir / f"checkpoint{epoch:04}.pth")
-            with open(out_dir / "log.txt", "a") as f:
-                f.write(json.dumps(stats) + "\n")
-            if writer is not None:
-                for k, v in stats.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.add_scalar(k, v, epoch)
-                writer.flush()
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in stats.items() if k != "epoch"),
-                  flush=True)
-            for w in check_collapse({k.removeprefix("train_"): v for k, v in stats.items()},
-                                    args.out_dim):
-                print(f"WARNING (epoch {epoch}): {w}", flush=True)
-        del save
-        if utils.is_dist():  # no process runs ahead of the checkpoint that rank 0 is writing
-            torch.distributed.barrier()
-
-    if rank == 0:
-        from safetensors.torch import save_file
-        backbone = {k: v.detach().contiguous().cpu() for k, v in teacher_plain.backbone.state_dict().items()}
-        tmp = out_dir / ".teacher_backbone.safetensors.tmp"
-        save_file(backbone, str(tmp), metadata={"arch": args.arch, "source": "DeSD teacher"})
-        os.replace(tmp, out_dir / "teacher_backbone.safetensors")
-        print(f"done: {ckpt_path} and {out_dir / 'teacher_backbone.safetensors'}", flush=True)
-    if writer is not None:
-        writer.close()
-    utils.cleanup_distributed()
+    loss_fn.load_state_dict(ckpt["desd_loss"])
+    if "fp16_scaler" in ckpt and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["fp16_scaler"])
+    rng = ckpt.get("rng")
+    if rng and len(rng) == world:
+        utils.set_rng_state(rng[rank])
+    epoch = int(ckpt["epoch"])
+    utils.print_rank0(f"resumed from {source} at epoch {epoch}")
+    if "log" in ckpt:
+        return epoch, list(ckpt["log"])
+    # a checkpoint without its log (the release's, or older): keep log.txt's earlier epochs
+    old = path.parent / "log.txt"
+    return epoch, [r for r in (utils.read_log(old) if old.is_file() else []) if r["epoch"] < epoch]
 
 
-def gather_rng_states() -> list[dict]:
-    state = utils.rng_state()
-    if not utils.is_dist():
-        return [state]
-    states: list = [None] * utils.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
+# ============================================================================ training
+
+class NonFinite(RuntimeError):
+    """The loss or the weights became NaN/inf."""
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+@dataclass
+class Step:
+    """What a training step needs besides the networks, the optimiser and the schedules."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    augment: BatchIntensityAugment | None
+    aug_gen: torch.Generator
+    memory_format: torch.memory_format
+    seed: int
+    rank: int
+    clip_grad: float
+    freeze_last_layer: int
+    print_freq: int
+    batch_size: int
 
 
-def to_device(loader, device: torch.device):
-    """Yield the loader's batches on `device`. On CUDA the next batch is copied on a side
-    stream while the current step runs (same-stream copies would wait for the step)."""
-    if device.type != "cuda":
-        for views in loader:
-            yield [v.to(device) for v in views]
-        return
-    stream = torch.cuda.Stream(device)
-    batches = iter(loader)
-
-    def copy_next():
-        views = next(batches, None)
-        if views is None:
-            return None
-        with torch.cuda.stream(stream):
-            return [v.to(device, non_blocking=True) for v in views]
-
-    nxt = copy_next()
-    while nxt is not None:
-        current = torch.cuda.current_stream(device)
-        current.wait_stream(stream)
-        for v in nxt:
-            v.record_stream(current)  # the caching allocator must not reuse it early
-        views, nxt = nxt, copy_next()
-        yield views
+def build_step(args, device: torch.device, rank: int) -> Step:
+    dtype = utils.amp_dtype(args.precision, device)
+    return Step(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                BatchIntensityAugment(not args.aug_per_volume) if args.augment_on == "device" else None,
+                torch.Generator(device=device),
+                torch.channels_last_3d if args.channels_last and device.type == "cuda"
+                else torch.contiguous_format,
+                args.seed, rank, args.clip_grad, args.freeze_last_layer, args.print_freq,
+                args.batch_size_per_gpu)
 
 
-def train_one_epoch(*, epoch, args, student, teacher, student_fwd, teacher_fwd, ema, loss_fn,
-                    optimizer, scaler, lr_schedule, wd_schedule, momentum_schedule, loader, niter,
-                    device, amp_dtype, augment, aug_gen, rank) -> dict:
-    """One epoch; returns the epoch means of the losses and collapse statistics, averaged over
-    all processes. Losses stay on the device and are read once every `print_freq` steps."""
-    student.train()
-    teacher.train()
-    sums = torch.zeros(len(LOG_KEYS), device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
-    memory_format = (torch.channels_last_3d if args.channels_last and device.type == "cuda"
-                     else torch.contiguous_format)
-    world = utils.get_world_size()
+def train_one_epoch(epoch: int, nets: Nets, schedules: Schedules, loader, optimizer,
+                    loss_fn: DeSDLoss, step: Step) -> dict[str, float]:
+    """One epoch; returns the epoch means of every named loss term and statistic, averaged
+    over all processes. Losses stay on the device and are read every `print_freq` steps."""
+    nets.student_ddp.train()
+    nets.teacher.train()
+    niter, dev = schedules.niter, step.device
+    sums: dict[str, torch.Tensor] = {}
+    first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+    autocast = torch.autocast(dev.type, dtype=step.amp_dtype) if step.amp_dtype else nullcontext()
     t_last, done_since = time.time(), 0
-    for i, views in enumerate(to_device(loader, device)):
+    for i, views in enumerate(utils.to_device(loader, dev)):
         if i >= niter:
             break
         it = epoch * niter + i
         for j, group in enumerate(optimizer.param_groups):
-            group["lr"] = float(lr_schedule[it])
+            group["lr"] = float(schedules.lr[it])
             if j == 0:  # only the regularised group gets weight decay
-                group["weight_decay"] = float(wd_schedule[it])
-        if augment is not None:
-            aug_gen.manual_seed(utils.sub_seed(args.seed, rank, epoch, i))
+                group["weight_decay"] = float(schedules.wd[it])
+        if step.augment is not None:
+            step.aug_gen.manual_seed(utils.sub_seed(step.seed, step.rank, epoch, i))
             with torch.no_grad():
-                views = augment(views, aug_gen)
-        views = [v.contiguous(memory_format=memory_format) for v in views]
+                views = step.augment(views, step.aug_gen)
+        views = [v.contiguous(memory_format=step.memory_format) for v in views]
 
         with autocast:
-            teacher_out = teacher_fwd(views[:2])[-1]
-            student_out = student_fwd(views)
-            loss, *terms = loss_fn(student_out, teacher_out, epoch)
-        finite = torch.isfinite(loss)
-        first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
+            teacher_out = nets.teacher_fwd(views[:2])[-1]
+            student_out = nets.student_fwd(views)
+            terms = loss_fn.terms(student_out, teacher_out, epoch)
+        loss = terms["total_loss"]
+        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0),
+                                torch.full_like(first_bad, i), first_bad)
 
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            utils.clip_gradients(student, args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        scaler.step(optimizer)
-        scaler.update()
-        ema.update(float(momentum_schedule[it]))
+        step.scaler.scale(loss).backward()
+        if step.clip_grad:
+            step.scaler.unscale_(optimizer)
+            utils.clip_gradients(nets.student, step.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, nets.student, step.freeze_last_layer)
+        step.scaler.step(optimizer)
+        step.scaler.update()
+        nets.ema.update(float(schedules.momentum[it]))
 
-        with torch.no_grad():
-            st = loss_fn.last_stats
-            row = [loss, *terms] + [st.get(k, loss.new_zeros(())) for k in LOG_KEYS[5:]]
-            sums += torch.stack([r.detach().float() for r in row])
+        for k, v in terms.items():
+            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
         done_since += 1
-
-        if (i + 1) % args.print_freq == 0 or i + 1 == niter:
+        if (i + 1) % step.print_freq == 0 or i + 1 == niter:
             # host sync: once per print interval, agreed by all processes
-            flag = utils.all_reduce_(first_bad.clone(), torch.distributed.ReduceOp.MAX
-                                     if utils.is_dist() else None)
-            bad_at = int(flag.item())
+            bad_at = int(utils.all_reduce_(first_bad.clone(), torch.distributed.ReduceOp.MAX
+                                           if utils.is_dist() else None).item())
             if bad_at >= 0:
-                raise NonFiniteLoss(
-                    f"non-finite loss at epoch {epoch}, iteration {bad_at} (on at least one "
-                    f"process); training stopped, the last good checkpoint is left untouched")
-            if rank == 0:
+                raise NonFinite(f"non-finite loss at epoch {epoch}, iteration {bad_at} (on at "
+                                f"least one process); training stopped, the last good "
+                                f"checkpoint is left untouched")
+            if step.rank == 0:
                 now = time.time()
-                rate = done_since * args.batch_size_per_gpu * world / max(now - t_last, 1e-9)
-                print(f"epoch {epoch} [{i + 1}/{niter}] loss {sums[0].item() / (i + 1):.4f} "
-                      f"lr {lr_schedule[it]:.3g} wd {wd_schedule[it]:.3g} {rate:.1f} samples/s",
+                rate = done_since * step.batch_size * utils.get_world_size() / max(now - t_last, 1e-9)
+                print(f"epoch {epoch} [{i + 1}/{niter}] loss {sums['total_loss'].item() / (i + 1):.4f} "
+                      f"lr {schedules.lr[it]:.3g} wd {schedules.wd[it]:.3g} {rate:.1f} samples/s",
                       flush=True)
                 t_last, done_since = now, 0
 
-    utils.all_reduce_(sums)
-    means = (sums / (niter * world)).tolist()
-    # a stage without a head (loss weight 0) has no loss term or KL to report
-    skip = {f"{name}{k}" for k in range(1, NUM_STAGES) if f"kl_stage{k}" not in loss_fn.last_stats
-            for name in ("deep_loss_", "kl_stage")}
-    return {f"train_{k}": v for k, v in zip(LOG_KEYS, means) if k not in skip}
+    names = sorted(sums)  # the same on every process
+    means = utils.all_reduce_(torch.stack([sums[k] for k in names]))
+    means = (means / (niter * utils.get_world_size())).tolist()
+    return {f"train_{k}": v for k, v in zip(names, means)}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser("DeSD pre-training", parents=[get_args_parser()],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    args = parser.parse_args(argv)
+def train(args) -> None:
+    # ------------------------------------------------------------------ set-up
+    rank, world, device = utils.init_distributed(args.dist_url, args.dist_timeout)
+    out_dir = Path(args.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        volume_io.remove_stale_temps(out_dir)  # of a run killed while saving
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # crop sizes are fixed
+    step = build_step(args, device, rank)
+    utils.print_rank0(f"DeSD: {world} process(es) on {device}, precision "
+                      f"{step.amp_dtype or torch.float32}; arguments:\n"
+                      + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+
+    # ------------------------------------------------------------------ data
+    dataset, sampler, loader, niter = build_loader(args, rank, world, device)
+    utils.print_rank0(f"data: {len(dataset)} sub-volumes, {niter} iterations per epoch")
+
+    # ------------------------------------------------------------------ networks
+    nets = build_models(args, device, world)
+    utils.seed_everything(args.seed + rank)
+    utils.print_rank0(f"student {args.arch}: "
+                      f"{sum(p.numel() for p in nets.student.parameters()) / 1e6:.1f}M parameters, "
+                      f"heads on stages {nets.student.deep_stages + [NUM_STAGES]}")
+
+    # ------------------------------------------------------------------ loss, optimiser, schedules
+    loss_fn = build_loss(args).to(device)
+    optimizer = build_optimizer(args, nets.student)
+    schedules = build_schedules(args, niter, world)
+
+    # ------------------------------------------------------------------ resume
+    ckpt_path = out_dir / "checkpoint.pth"
+    start_epoch, log = resume(ckpt_path, nets, optimizer, loss_fn, step.scaler, rank, world)
+    run_log = utils.RunLog(out_dir, args.out_dim, args.tensorboard) if rank == 0 else None
+    if run_log and start_epoch:
+        run_log.rewrite(log)
+
+    # ------------------------------------------------------------------ loop
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        t0 = time.time()
+        stats = train_one_epoch(epoch, nets, schedules, loader, optimizer, loss_fn, step)
+        if not utils.all_finite(nets.student, nets.teacher):  # a diverging last step
+            raise NonFinite(f"non-finite weights after epoch {epoch}; training stopped, the last "
+                            f"good checkpoint is left untouched")
+        seconds = time.time() - t0
+        row = {"epoch": epoch, **stats, **schedules.at_end_of(epoch),
+               "teacher_temp": float(loss_fn.teacher_temp_schedule[epoch]),
+               "ln_out_dim": math.log(args.out_dim), "seconds": round(seconds, 2),
+               "samples_per_s": round(niter * args.batch_size_per_gpu * world / seconds, 2)}
+        log.append(row)
+        save = {"student": _prefixed(nets.student.state_dict()),
+                "teacher": _prefixed(nets.teacher.state_dict()),
+                "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                "args": utils.plain(vars(args)), "desd_loss": loss_fn.state_dict(),
+                "rng": utils.gather_rng_states(), "log": log}
+        if step.scaler.is_enabled():
+            save["fp16_scaler"] = step.scaler.state_dict()
+        if run_log:
+            utils.atomic_save(save, ckpt_path, keep_previous=True)
+            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                utils.atomic_save(save, out_dir / f"checkpoint{epoch:04}.pth")
+            run_log.epoch_done(log)
+        del save
+        if utils.is_dist():  # no process runs ahead of the checkpoint that rank 0 is writing
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------------ export
+    if run_log:
+        backbone = out_dir / "teacher_backbone.safetensors"
+        with volume_io.atomic_write(backbone) as f:
+            save_backbone(nets.teacher.backbone, f, {"source": "teacher",
+                                                     "checkpoint": ckpt_path.name})
+        print(f"done: {ckpt_path} and {backbone}", flush=True)
+        run_log.close()
+    utils.cleanup_distributed()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         train(args)
-    except NonFiniteLoss as err:
-        print(f"ERROR: {err}", file=sys.stderr, flush=True)
+    except (NonFinite, ValueError, FileNotFoundError, OSError) as err:
+        print(f"main_desd.py: error: {err}", file=sys.stderr, flush=True)
         utils.cleanup_distributed()
-        raise SystemExit(1)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,33 +5,24 @@ process group; collectives are only called when `torch.distributed` is initialis
 """
 from __future__ import annotations
 
-import argparse
 import datetime
+import json
+import math
 import os
 import random
+import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from volume_io import fsync_path
-
-# ----------------------------------------------------------------------------- flags
-
-
-def bool_flag(s: str) -> bool:
-    """argparse type for the published `--flag True/False` style."""
-    if s.lower() in {"off", "false", "0", "no"}:
-        return False
-    if s.lower() in {"on", "true", "1", "yes"}:
-        return True
-    raise argparse.ArgumentTypeError(f"invalid value {s!r} for a boolean flag (use True or False)")
-
+import volume_io
+from models import read_checkpoint
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -180,6 +171,28 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             p.grad = None
 
 
+class TeacherEMA:
+    """`t <- m t + (1 - m) s` for every teacher parameter, paired with the student's
+    parameter of the same name, in one fused `_foreach` call."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        s_params = dict(student.named_parameters())
+        t_named = list(teacher.named_parameters())
+        missing = [n for n, _ in t_named if n not in s_params]
+        if missing:
+            raise ValueError(f"teacher parameters without a student counterpart: {missing[:5]}")
+        for n, t in t_named:
+            if s_params[n].shape != t.shape:
+                raise ValueError(f"shape mismatch for {n}: student {tuple(s_params[n].shape)}, "
+                                 f"teacher {tuple(t.shape)}")
+        self.t = [t for _, t in t_named]
+        self.s = [s_params[n] for n, _ in t_named]
+
+    @torch.no_grad()
+    def update(self, momentum: float) -> None:
+        torch._foreach_lerp_(self.t, self.s, 1.0 - momentum)  # one pass over memory
+
+
 # ----------------------------------------------------------------------------- randomness
 
 
@@ -241,42 +254,27 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """`torch.load` with `weights_only=True`; the published checkpoints' `argparse.Namespace`
-    is the one extra class allowed. Never falls back to unrestricted unpickling."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
     """Write `obj` with torch.save so that `path` is always a complete file.
 
-    The bytes go to a temporary file in the same folder, are flushed and fsynced, and the
-    file is renamed over `path` (atomic on POSIX). With `keep_previous`, the file that was
-    at `path` is first kept as `<stem>_prev<suffix>` through a hard link, so `path` exists
-    at every instant and a good previous copy survives a checkpoint that later turns bad.
+    The bytes go through `volume_io.atomic_write` (a temporary file in the same folder,
+    fsynced, renamed over `path`; a full disk raises `volume_io.WriteError` naming
+    `path`). With `keep_previous`, the file that was at `path` is first kept as
+    `<stem>_prev<suffix>` through a hard link, so `path` exists at every instant and a
+    good previous copy survives a checkpoint that later turns out bad.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def demote_current(_tmp):  # the new file is complete on disk: keep the one it replaces
         if keep_previous and path.exists():
-            prev = previous_path(path)
-            prev_tmp = prev.with_name(f".{prev.name}.tmp.{os.getpid()}")
-            prev_tmp.unlink(missing_ok=True)
-            try:
-                os.link(path, prev_tmp)
-            except OSError:  # file systems without hard links
-                import shutil
-                shutil.copy2(path, prev_tmp)
-            os.replace(prev_tmp, prev)
-        os.replace(tmp, path)
-        fsync_path(path.parent, directory=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+            with volume_io.atomic_output(previous_path(path)) as prev_tmp:
+                try:
+                    os.link(path, prev_tmp)
+                except OSError:  # file systems without hard links
+                    shutil.copy2(path, prev_tmp)
+
+    with volume_io.atomic_write(path, "wb", before_replace=demote_current) as f:
+        torch.save(obj, f)
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -285,15 +283,16 @@ def previous_path(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint_with_fallback(path: str | os.PathLike) -> tuple[dict | None, Path | None]:
-    """Load `path`, or its `_prev` copy when `path` is missing or fails to load for any
-    reason (truncation raises EOFError, RuntimeError, struct.error ...). Returns
-    (checkpoint, the file it came from) or (None, None) when there is nothing to resume."""
+    """Load `path`, or its `_prev` copy when `path` is missing, truncated, corrupt (its
+    CRCs are checked) or not a training checkpoint; a warning names the file that failed.
+    Returns (checkpoint, the file it came from) or (None, None) when there is nothing to
+    resume; raises RuntimeError when neither file can be used."""
     path = Path(path)
     for candidate in (path, previous_path(path)):
         if not candidate.exists():
             continue
         try:
-            ckpt = safe_load(candidate)
+            ckpt = read_checkpoint(candidate)
             if not isinstance(ckpt, dict) or "epoch" not in ckpt:
                 raise KeyError("not a DeSD training checkpoint (no 'epoch' entry)")
             return ckpt, candidate
@@ -306,11 +305,222 @@ def load_checkpoint_with_fallback(path: str | os.PathLike) -> tuple[dict | None,
     return None, None
 
 
-def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+# ----------------------------------------------------------------------------- the training loop
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The epochs of a main_desd.py `log.txt` (or of the `log.txt` in a folder), in order.
+
+    An epoch logged twice keeps its last line.
+    Raises FileNotFoundError or ValueError naming the file when it is missing, empty or
+    not JSON lines.
+    """
+    path = Path(path)
+    if not path.is_file() and path.suffix != ".txt":  # an OUTPUT_DIR, existing or not
+        path = path / "log.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the --output_dir of a "
+                                f"main_desd.py run (it writes log.txt after each epoch)")
+    by_epoch: dict[int, dict] = {}
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n} is not JSON ({e}); is it a main_desd.py "
+                             f"log.txt?") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {n} is not a JSON object")
+        by_epoch[int(record.get("epoch", len(by_epoch)))] = record
+    if not by_epoch:
+        raise ValueError(f"{path} is empty: no epoch of that run has finished yet")
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
+    """DINO's collapse signatures: a uniform or a one-hot teacher, a student equal to it."""
+    warns = []
+    ln_k = math.log(out_dim)
+    h = stats.get("teacher_entropy")
+    if h is not None and h > 0.99 * ln_k:
+        warns.append(f"teacher entropy {h:.3f} > 0.99 ln(out_dim) = {0.99 * ln_k:.3f}: the teacher "
+                     f"is uniform (collapse); lower --teacher_temp or check the centering")
+    if h is not None and h < 0.01 * ln_k:
+        warns.append(f"teacher entropy {h:.4f} < 0.01 ln(out_dim) = {0.01 * ln_k:.4f}: the teacher "
+                     f"is one-hot (collapse to one prototype)")
+    for k in range(1, 5):
+        kl = stats.get(f"kl_stage{k}")
+        if kl is not None and kl < 1e-3:
+            warns.append(f"KL(teacher || student) on stage {k} is {kl:.2e} < 1e-3: the student "
+                         f"copies the teacher (collapse)")
+    return warns
+
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `--precision` on `device` (None = fp32)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+
+def gather_rng_states() -> list[dict]:
+    state = rng_state()
+    if not is_dist():
+        return [state]
+    states: list = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+
+def adapt_published_checkpoint(ckpt: dict, deep_stage_of_width: dict[int, int],
+                               optimizer: torch.optim.Optimizer) -> list[str]:
+    """Map a training checkpoint of the published release onto this trainer's names, in
+    place; returns what was changed, for the log.
+
+    The release named the student's deep heads `head_1..head_3` and kept an extra
+    `loss_center` buffer in its loss. Deep heads are matched to stages by their input
+    width (stage widths are distinct). Its optimizer state is positional, so it is kept
+    only when every state tensor has the shape of this trainer's parameter at the same
+    position; otherwise the optimizer starts fresh (resuming is then not exact).
+    """
+    notes = []
+    state = {k.removeprefix("module."): v for k, v in ckpt["student"].items()}
+    widths = deep_stage_of_width
+    heads = sorted({k.split(".", 1)[0] for k in state if k.startswith("head_")})
+    for head in heads:
+        k = widths.get(state[f"{head}.mlp.0.weight"].shape[1])
+        if k is None:
+            raise ValueError(f"the checkpoint's {head} takes "
+                             f"{state[f'{head}.mlp.0.weight'].shape[1]} features, which no deep "
+                             f"head of this run does (stages {sorted(widths.values())}); check "
+                             f"--arch and --stage_weights")
+        state = {(f"deep_heads.stage{k}." + n.split(".", 1)[1] if n.startswith(head + ".") else n): v
+                 for n, v in state.items()}
+        notes.append(f"the published student's {head} mapped to deep_heads.stage{k} (by width)")
+    ckpt["student"] = {"module." + k: v for k, v in state.items()}
+    if "loss_center" in ckpt.get("desd_loss", {}):
+        ckpt["desd_loss"] = {k: v for k, v in ckpt["desd_loss"].items() if k != "loss_center"}
+        notes.append("the published loss's extra loss_center dropped (the loss does not use it)")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = ckpt.get("optimizer", {})
+    fits = (sum(len(g["params"]) for g in saved.get("param_groups", [])) == len(params)
+            and all(int(i) < len(params) and all(
+                not torch.is_tensor(v) or v.ndim == 0 or v.shape == params[int(i)].shape
+                for v in s.values()) for i, s in saved.get("state", {}).items()))
+    if not fits:
+        ckpt.pop("optimizer", None)
+        notes.append("the published optimizer state does not fit this trainer's parameter "
+                     "order: the optimizer starts fresh (resuming is not exact)")
+    return notes
+
+
+
+def all_finite(*modules: nn.Module) -> bool:
+    """True when every parameter of `modules` is finite on every process (one fused norm,
+    one all-reduce, one host sync: call once per epoch)."""
+    params = [p.detach() for m in modules for p in m.parameters()]
+    ok = torch.stack(torch._foreach_norm(params)).isfinite().all().to(torch.int32)
+    return bool(all_reduce_(ok, dist.ReduceOp.MIN if is_dist() else None))
+
+
+
+def to_device(loader, device: torch.device):
+    """Yield the loader's batches on `device`. On CUDA the next batch is copied on a side
+    stream while the current step runs (same-stream copies would wait for the step)."""
+    if device.type != "cuda":
+        for views in loader:
+            yield [v.to(device) for v in views]
+        return
+    stream = torch.cuda.Stream(device)
+    batches = iter(loader)
+
+    def copy_next():
+        views = next(batches, None)
+        if views is None:
+            return None
+        with torch.cuda.stream(stream):
+            return [v.to(device, non_blocking=True) for v in views]
+
+    nxt = copy_next()
+    while nxt is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)
+        for v in nxt:
+            v.record_stream(current)  # the caching allocator must not reuse it early
+        views, nxt = nxt, copy_next()
+        yield views
 
 
 # ----------------------------------------------------------------------------- misc
+
+
+def add_device_args(p) -> None:
+    """--device and --threads, as the example and the tools take them."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device; bf16 autocast is used on CUDA")
+    p.add_argument("--threads", "--num_threads", default=0, type=volume_io.int_at_least(0),
+                   help="CPU threads for PyTorch (0: PyTorch's default)")
+
+
+def check_patch_size(parser, arch: str, patch_size) -> None:
+    """parser.error unless a `patch_size` input keeps more than one voxel at stage 4."""
+    from models import ResUNet3D
+    try:
+        with torch.device("meta"):  # shapes only
+            ResUNet3D(arch).check_input_size(patch_size)
+    except ValueError as e:
+        parser.error(f"--patch_size: {e}")
+
+
+def setup_device(args) -> torch.device:
+    """The device of `add_device_args`' flags, with the thread count applied."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
+class RunLog:
+    """What rank 0 reports of a run: `log.txt` (one JSON line per epoch, rewritten from the
+    checkpoint's own record so that it always matches the checkpoint it belongs to, after
+    a kill or a fallback too), the epoch's console line, the collapse warnings and, with
+    `tensorboard`, TensorBoard scalars (a warning when the package is missing)."""
+
+    def __init__(self, out_dir: str | os.PathLike, out_dim: int, tensorboard: bool = False):
+        self.path, self.out_dim, self.writer = Path(out_dir) / "log.txt", out_dim, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+            except ImportError:
+                warnings.warn("--tensorboard given but the tensorboard package is not "
+                              "installed; pip install tensorboard")
+
+    def rewrite(self, rows: list[dict]) -> None:
+        volume_io.write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def epoch_done(self, rows: list[dict]) -> None:
+        """Rewrite log.txt with `rows` and report the last one."""
+        self.rewrite(rows)
+        row, epoch = rows[-1], rows[-1]["epoch"]
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, epoch)
+            self.writer.flush()
+        print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in row.items() if k != "epoch"), flush=True)
+        for w in check_collapse({k.removeprefix("train_"): v for k, v in row.items()}, self.out_dim):
+            print(f"WARNING (epoch {epoch}): {w}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def print_rank0(*args, **kwargs) -> None:

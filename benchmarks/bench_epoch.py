@@ -1,15 +1,15 @@
 """End-to-end throughput of a short real epoch: files -> DeepLesionSSL -> DataLoader -> step.
 
     python benchmarks/bench_epoch.py                       # GPU: res3d50, batch 32, out_dim 60000, 10 workers
-    python benchmarks/bench_epoch.py --format nii.gz nii npy --workers 4 8 12
+    python benchmarks/bench_epoch.py --format nii.gz nii npy --num_workers 4 8 12
     python benchmarks/bench_epoch.py --device cpu          # CPU: res3d10, batch 2, out_dim 1024, 2 workers
 
 Synthetic CT sub-volumes of 24x288x288 int16 (DeepLesion tiles after the central crop,
 `synthetic_ct.phantom`) are written with `splitting_to_patches.write_tile` in each
-`--format` into a temporary folder; a list file cycles over them. The real
-`DeepLesionSSL` (augment_on device) and a DataLoader set up as `main_desd.train` does
-(DistributedSampler, drop_last, pinned memory on CUDA, persistent workers, prefetch 4,
-the trainer's worker seeding) feed the training step of `bench_train.StepBench`, which
+`--format` into a temporary folder; a list file cycles over them. The
+trainer's own `main_desd.build_loader` (DeepLesionSSL with augment_on device,
+DistributedSampler, drop_last, pinned memory on CUDA, persistent workers, prefetch 4,
+the trainer's worker seeding) feeds the training step of `bench_train.StepBench`, which
 is `main_desd.train_one_epoch` itself. Three rates, so the bottleneck shows:
 
 - loader only: the DataLoader iterated without the step (per worker = / workers);
@@ -23,7 +23,6 @@ cache: disk speed is not measured.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -37,9 +36,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import bench_train as bt  # noqa: E402
+import main_desd  # noqa: E402
 import splitting_to_patches  # noqa: E402
-import utils  # noqa: E402
-from data_loader_ssl import DeepLesionSSL  # noqa: E402
+import volume_io  # noqa: E402
 from synthetic_ct import phantom  # noqa: E402
 
 
@@ -50,17 +49,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--files", type=int, default=32, help="Distinct sub-volumes written (cycled).")
     p.add_argument("--shape", type=int, nargs=3, default=[24, 288, 288], metavar=("D", "H", "W"),
                    help="Sub-volume size, (z, y, x) (published tile after the central crop).")
-    p.add_argument("--workers", type=int, nargs="+", default=None,
+    p.add_argument("--num_workers", "--workers", type=int, nargs="+", default=None,
                    help="DataLoader worker counts to time (default: 10 on GPU as published, 2 on CPU).")
-    p.add_argument("--prefetch", type=int, default=4, help="Batches prefetched per worker (trainer: 4).")
     p.add_argument("--arch", default=None, help="Backbone (default: res3d50 on GPU, res3d10 on CPU).")
     p.add_argument("--batch", type=int, default=None, help="Samples per step (default: 32 GPU, 2 CPU).")
     p.add_argument("--out_dim", type=int, default=None, help="Prototypes (default: 60000 GPU, 1024 CPU).")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                    help="Step precision (default: bf16 on a GPU that supports it, else fp32).")
-    p.add_argument("--channels_last", default=False, type=utils.bool_flag,
+    p.add_argument("--channels_last", default=False, **volume_io.BOOL,
                    help="channels_last_3d (the trainer applies it on CUDA only).")
-    p.add_argument("--compile", default=False, type=utils.bool_flag,
+    p.add_argument("--compile", default=False, **volume_io.BOOL,
                    help="torch.compile the networks (give --warmup >= 3).")
     p.add_argument("--warmup", type=int, default=None, help="Untimed batches (default: 5 GPU, 2 CPU).")
     p.add_argument("--iters", type=int, default=None, help="Timed batches (default: 30 GPU, 5 CPU).")
@@ -82,16 +80,6 @@ def write_volumes(folder: str, n: int, fmt: str, shape) -> list[str]:
     return names
 
 
-def make_loader(dataset, batch, workers, prefetch, device, seed):
-    """The DataLoader of `main_desd.train` for one process."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
-    return torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=batch, drop_last=True, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=prefetch if workers > 0 else None,
-        worker_init_fn=functools.partial(utils.seed_worker, base_seed=utils.sub_seed(seed, 0)))
-
-
 def rates(timed: bt.TimedBatches, skip: int, batch: int) -> tuple[float, float, float]:
     """(median seconds per batch, samples/s from it, samples/s over the whole interval)."""
     secs = timed.step_seconds(skip)
@@ -106,7 +94,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = bt.resolve_device(args.device)
     gpu = device.type == "cuda"
-    args.workers = args.workers or ([10] if gpu else [2])
+    args.num_workers = args.num_workers or ([10] if gpu else [2])
     args.arch = args.arch or ("res3d50" if gpu else "res3d10")
     args.batch = args.batch or (32 if gpu else 2)
     args.out_dim = args.out_dim or (60000 if gpu else 1024)
@@ -139,11 +127,12 @@ def main(argv=None) -> None:
                 f.write("\n".join(names[k % len(names)] for k in range(max(need, len(names)))) + "\n")
             print(f"  wrote {args.files} {fmt} files in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
-            dataset = DeepLesionSSL(tmp, list_file, global_crop_size=crop, augment_on="device",
-                                    seed=args.seed, rank=0)
-            dataset.set_epoch(0)
-            for workers in args.workers:
-                loader = make_loader(dataset, args.batch, workers, args.prefetch, device, args.seed)
+            for workers in args.num_workers:
+                largs = bt.trainer_args(args.arch, args.batch, args.out_dim, crop, 0,
+                                        args.precision, niter=n)
+                largs.list_path, largs.num_workers, largs.seed = list_file, workers, args.seed
+                dataset, _, loader, _ = main_desd.build_loader(largs, 0, 1, device)
+                dataset.set_epoch(0)
                 timed = bt.TimedBatches(loader, n, device)
                 cached = None
                 for views in timed:

@@ -4,7 +4,7 @@ against the published one (scikit-image ``resize``, benchmark-only dependency).
     python benchmarks/bench_preprocess.py [--repeats 3] [--size 512] [--slices 60] [--threads 1]
 
 A 512x512x60 phantom at 0.7x0.7x5 mm is written as DeepLesion PNGs, then each stage
-runs in this process (``--workers 1``) with ``--overwrite`` and is timed; the medians
+runs in this process (``--num_workers 1``) with ``--overwrite`` and is timed; the medians
 over ``--repeats`` are printed in one table. The published resampling (read with
 SimpleITK, clip to [-1024, 1024], ``skimage.transform.resize(order=3, mode='reflect',
 clip=True, preserve_range=True)``, round, int16, write) runs side by side on the same
@@ -69,19 +69,19 @@ def main(argv=None):
     nifti = Path(d["Images_nifti"]) / name
     ours_out = Path(d["Images_nifti_spacing"]) / name
     pub_out = tmp / "published.nii.gz"
-    quiet = ["--workers", "1", "--overwrite"]
+    quiet = ["--num_workers", "1", "--overwrite"]
 
     def stage1():
         assert DL_save_nifti.main(["--png_dir", d["Images_png"], "--info_csv", str(tmp / "DL_info.csv"),
-                                   "--out_dir", d["Images_nifti"]] + quiet) == 0
+                                   "--output_dir", d["Images_nifti"]] + quiet) == 0
 
     def stage2():
-        assert re_spacing_ITK.main(["--in_dir", d["Images_nifti"], "--out_dir",
+        assert re_spacing_ITK.main(["--in_dir", d["Images_nifti"], "--output_dir",
                                     d["Images_nifti_spacing"]] + quiet) == 0
 
     def stage3(fmt):
         return lambda: splitting_to_patches.main(
-            ["--in_dir", d["Images_nifti_spacing"], "--out_dir", d["DL_patches_v2"] + fmt,
+            ["--in_dir", d["Images_nifti_spacing"], "--output_dir", d["DL_patches_v2"] + fmt,
              "--list_file", str(tmp / f"list_{fmt}.txt"), "--format", fmt] + quiet)
 
     def ours_compute():

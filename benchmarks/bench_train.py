@@ -9,11 +9,10 @@ Each step is `main_desd.train_one_epoch` itself, fed a cached batch (pinned on C
 iterable that stamps the time whenever the trainer asks for the next batch: device
 augmentation of the two global views (`BatchIntensityAugment`), teacher forward on them,
 student forward on all views, `DeSDLoss`, backward, optional clipping
-(`utils.clip_gradients`), optimiser step, EMA (`TeacherEMA`). The networks, loss and
-optimiser are built with `main_desd.build_models`, `DeSDLoss` and
-`main_desd.build_optimizer` from the trainer's own argument parser with the published run's
-settings (sgd, clip_grad 0, BatchNorm in the heads, out_dim 60000), so nothing of the step
-is copied here. The device is synchronised only when a time is stamped (CUDA).
+(`utils.clip_gradients`), optimiser step, EMA (`TeacherEMA`). Everything is built by the
+trainer's `build_models`, `build_loss`, `build_optimizer`, `build_schedules` and
+`build_step` from its own argument parser with the published run's settings (sgd,
+clip_grad 0, BatchNorm in the heads, out_dim 60000), so nothing of the step is copied here. The device is synchronised only when a time is stamped (CUDA).
 
 Model FLOP utilisation = FLOP per step / median step time / the device's dense peak for the
 precision (fp32 runs convolutions in TF32 on Ampere and later, cuDNN's default, so the TF32
@@ -40,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import main_desd  # noqa: E402
 import utils  # noqa: E402
-from data_loader_ssl import BatchIntensityAugment  # noqa: E402
+import volume_io  # noqa: E402
 
 # The issue's figure: res3d50, out_dim 60000, two 16x96x96 global views, no local views,
 # teacher forward + student forward and backward, per batch of 32.
@@ -59,7 +58,7 @@ PEAK_TFLOPS = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("bench_train", add_help=False)
-    onoff = utils.bool_flag
+    onoff = volume_io.bool_flag
     p.add_argument("--arch", default="res3d50", help="Backbone (published: res3d50).")
     p.add_argument("--batch", type=int, default=None,
                    help="Samples per device and step (default: 32 on GPU, as published; 2 on CPU).")
@@ -108,7 +107,7 @@ def trainer_args(arch, batch, out_dim, crop, local_crops, precision="fp32", chan
             "--weight_decay", "1e-6", "--weight_decay_end", "1e-6", "--teacher_temp", "0.07",
             "--epochs", "1", "--warmup_epochs", "0", "--freeze_last_layer", "0",
             "--print_freq", str(10 ** 9), "--augment_on", "device"]
-    return main_desd.get_args_parser().parse_args(argv)
+    return main_desd.parse_args(argv)
 
 
 class TimedBatches:
@@ -142,38 +141,24 @@ class TimedBatches:
 
 
 class StepBench:
-    """Student, teacher, EMA, loss, optimiser and schedules as `main_desd.train` builds them,
-    and `run(source, ...)` = `main_desd.train_one_epoch` over a TimedBatches."""
+    """Networks, loss, optimiser, schedules and step settings built by the trainer's own
+    `build_*` functions, and `run(source)` = `main_desd.train_one_epoch` over a
+    TimedBatches."""
 
     def __init__(self, targs: argparse.Namespace, device: torch.device, n_steps: int):
         self.args, self.device, self.n_steps = targs, device, n_steps
-        nets = main_desd.build_models(targs, device)
-        self.student, self.teacher, self.ema = nets.student, nets.teacher, nets.ema
-        self.student_fwd, self.teacher_fwd = nets.student_fwd, nets.teacher_fwd
-        ncrops = 2 + targs.local_crops_number
-        self.loss_fn = main_desd.DeSDLoss(targs.out_dim, ncrops, targs.warmup_teacher_temp,
-                                          targs.teacher_temp, targs.warmup_teacher_temp_epochs,
-                                          targs.epochs, stage_weights=targs.stage_weights).to(device)
-        self.optimizer = main_desd.build_optimizer(targs, self.student)
-        self.amp_dtype = main_desd.resolve_precision(targs, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        b = targs.batch_size_per_gpu
-        self.lr = utils.cosine_scheduler(targs.lr * b / 256.0, targs.min_lr, 1, n_steps)
-        self.wd = utils.cosine_scheduler(targs.weight_decay, targs.weight_decay_end, 1, n_steps)
-        self.mom = utils.cosine_scheduler(targs.momentum_teacher, 1.0, 1, n_steps)
-        self.augment = BatchIntensityAugment(per_slice=not targs.aug_per_volume)
-        self.aug_gen = torch.Generator(device=device)
+        self.nets = main_desd.build_models(targs, device)
+        self.loss_fn = main_desd.build_loss(targs).to(device)
+        self.optimizer = main_desd.build_optimizer(targs, self.nets.student)
+        self.schedules = main_desd.build_schedules(targs, n_steps, world=1)
+        self.step = main_desd.build_step(targs, device, rank=0)
 
     def run(self, batches: TimedBatches) -> None:
         assert batches.n <= self.n_steps
+        self.schedules.niter = batches.n
         with contextlib.redirect_stdout(io.StringIO()):  # the trainer's one progress line
-            main_desd.train_one_epoch(
-                epoch=0, args=self.args, student=self.student, teacher=self.teacher,
-                student_fwd=self.student_fwd, teacher_fwd=self.teacher_fwd, ema=self.ema,
-                loss_fn=self.loss_fn, optimizer=self.optimizer, scaler=self.scaler,
-                lr_schedule=self.lr, wd_schedule=self.wd, momentum_schedule=self.mom,
-                loader=batches, niter=batches.n, device=self.device, amp_dtype=self.amp_dtype,
-                augment=self.augment, aug_gen=self.aug_gen, rank=0)
+            main_desd.train_one_epoch(0, self.nets, self.schedules, batches, self.optimizer,
+                                      self.loss_fn, self.step)
 
 
 def synthetic_batch(batch: int, crop, local_crops: int, device: torch.device, seed: int = 0):
@@ -197,7 +182,8 @@ def count_step_flops(targs: argparse.Namespace, device: torch.device) -> tuple[f
     total = counter.get_total_flops()
     aug = FlopCounterMode(display=False)
     with aug, torch.no_grad():
-        bench.augment([v.to(device) for v in views], torch.Generator(device=device).manual_seed(0))
+        bench.step.augment([v.to(device) for v in views],
+                           torch.Generator(device=device).manual_seed(0))
     return float(total), float(aug.get_total_flops())
 
 

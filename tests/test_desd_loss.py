@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from main_desd import DeSDLoss, check_collapse
+from main_desd import DeSDLoss
+from utils import check_collapse
 
 
 def softmax(xs):
@@ -101,8 +102,7 @@ def test_collapse_statistics_and_warnings():
     K, B = 64, 4
     uniform = torch.zeros(2 * B, K)
     loss_fn = DeSDLoss(K, 2, 0.04, 0.04, 0, 5)
-    loss_fn([uniform] * 4, uniform, 0)
-    st = {k: float(v) for k, v in loss_fn.last_stats.items()}
+    st = {k: float(v) for k, v in loss_fn.terms([uniform] * 4, uniform, 0).items()}
     assert st["teacher_entropy"] == pytest.approx(math.log(K), rel=1e-5)
     assert st["teacher_batch_entropy"] == pytest.approx(math.log(K), rel=1e-5)
     assert abs(st["kl_stage4"]) < 1e-4
@@ -112,10 +112,30 @@ def test_collapse_statistics_and_warnings():
     onehot = torch.full((2 * B, K), -100.0)
     onehot[:, 3] = 100.0
     loss_fn = DeSDLoss(K, 2, 0.04, 0.04, 0, 5)
-    loss_fn([torch.randn(2 * B, K)] * 4, onehot, 0)
-    st = {k: float(v) for k, v in loss_fn.last_stats.items()}
+    st = {k: float(v) for k, v in loss_fn.terms([torch.randn(2 * B, K)] * 4, onehot, 0).items()}
     assert st["teacher_entropy"] < 1e-6
     assert st["kl_stage1"] > 1e-3
     warns = check_collapse(st, K)
     assert any("one-hot" in w for w in warns)
     assert not any("copies" in w for w in warns)
+
+
+def test_named_terms_match_the_published_tuple_and_skip_headless_stages():
+    torch.manual_seed(3)
+    K, B = 9, 3
+    student = [torch.randn(4 * B, K) for _ in range(4)]
+    teacher = torch.randn(2 * B, K)
+    a, b = DeSDLoss(K, 4, 0.04, 0.04, 0, 5), DeSDLoss(K, 4, 0.04, 0.04, 0, 5)
+    total, ssl, d1, d2, d3 = a(student, teacher, 0)
+    terms = b.terms(student, teacher, 0)
+    for name, value in (("total_loss", total), ("loss_ssl", ssl), ("deep_loss_1", d1),
+                        ("deep_loss_2", d2), ("deep_loss_3", d3)):
+        assert float(terms[name]) == float(value), name
+    torch.testing.assert_close(a.center, b.center)
+    # a stage without a head has no loss term and no KL; the others keep theirs
+    dino = DeSDLoss(K, 4, 0.04, 0.04, 0, 5, stage_weights=(0, 0.5, 0, 0.5))
+    terms = dino.terms([None, student[1], None, student[3]], teacher, 0)
+    assert set(terms) == {"total_loss", "loss_ssl", "deep_loss_2", "teacher_entropy",
+                          "teacher_batch_entropy", "kl_stage2", "kl_stage4"}
+    assert float(terms["total_loss"]) == pytest.approx(
+        0.5 * float(terms["deep_loss_2"]) + 0.5 * float(terms["loss_ssl"]), rel=1e-6)

@@ -1,6 +1,5 @@
 import argparse
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +7,9 @@ import torch
 from torch import nn
 
 import utils
-from main_desd import MultiStageNet, TeacherEMA, build_network
+from models import PretrainedLoadError, read_checkpoint
+from main_desd import build_network, parse_args
+from utils import TeacherEMA
 
 
 def test_cosine_schedule_length_and_end_points():
@@ -23,10 +24,10 @@ def test_cosine_schedule_length_and_end_points():
     assert m[0] == pytest.approx(0.996) and m[-1] < 1.0 and m[-1] > 0.9999
 
 
-def small_args(**kw):
-    base = dict(arch="res3d10", out_dim=16, use_bn_in_head=False, norm_last_layer=True)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def small_args(*extra):
+    """Arguments built by the trainer's own parser."""
+    return parse_args(["--arch", "res3d10", "--out_dim", "16", "--head_hidden_dim", "32",
+                       "--head_bottleneck_dim", "8", *extra])
 
 
 def test_student_teacher_names_and_head_widths():
@@ -103,7 +104,7 @@ def test_atomic_save_keeps_previous_and_falls_back(tmp_path, recwarn):
     path = tmp_path / "checkpoint.pth"
     utils.atomic_save({"epoch": 1, "w": torch.ones(3)}, path, keep_previous=True)
     utils.atomic_save({"epoch": 2, "w": torch.ones(3) * 2}, path, keep_previous=True)
-    assert utils.safe_load(utils.previous_path(path))["epoch"] == 1
+    assert read_checkpoint(utils.previous_path(path))["epoch"] == 1
     assert not list(tmp_path.glob(".*tmp*"))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])           # truncated by a crash or a full disk
@@ -113,17 +114,35 @@ def test_atomic_save_keeps_previous_and_falls_back(tmp_path, recwarn):
     assert utils.load_checkpoint_with_fallback(tmp_path / "none.pth") == (None, None)
 
 
-def test_safe_load_allows_namespace_only(tmp_path):
+def test_checkpoint_corrupted_inside_same_size_falls_back(tmp_path, recwarn):
+    """Zeroed bytes inside a tensor record: torch.load alone reads garbage silently; the
+    CRC check refuses the file, names it, and the previous checkpoint is used."""
+    path = tmp_path / "checkpoint.pth"
+    utils.atomic_save({"epoch": 1, "w": torch.ones(100_000)}, path, keep_previous=True)
+    utils.atomic_save({"epoch": 2, "w": torch.full((100_000,), 2.0)}, path, keep_previous=True)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 65536] = bytes(65536)
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["epoch"] == 2  # what used to be trusted
+    with pytest.raises(PretrainedLoadError, match="CRC"):
+        read_checkpoint(path)
+    ckpt, source = utils.load_checkpoint_with_fallback(path)
+    assert ckpt["epoch"] == 1 and source == utils.previous_path(path)
+    assert any(str(path) in str(w.message) and "CRC" in str(w.message) for w in recwarn)
+
+
+def test_read_checkpoint_allows_namespace_only(tmp_path):
     p = tmp_path / "published.pth"
     torch.save({"teacher": {"a": torch.zeros(1)}, "args": argparse.Namespace(arch="res3d50")}, p)
-    assert utils.safe_load(p)["args"].arch == "res3d50"
+    assert read_checkpoint(p)["args"].arch == "res3d50"
 
     class Payload:
         def __reduce__(self):
             return (print, ("pwned",))
     torch.save({"x": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="[Ww]eights only"):
-        utils.safe_load(tmp_path / "evil.pth")
+    with pytest.raises(PretrainedLoadError, match="could run code"):
+        read_checkpoint(tmp_path / "evil.pth")
 
 
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
@@ -134,3 +153,32 @@ def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
     utils.set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
     b = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
     assert a == b
+
+
+def test_full_disk_during_a_checkpoint_save_is_named(tmp_path):
+    """torch.save on a full disk used to end in 'RuntimeError: [enforce fail at
+    inline_container.cc ...]'; the save now says which file and why, and the previous
+    checkpoint stays as it was."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(root)!r})
+        import torch, utils, volume_io
+        path = {str(tmp_path / "checkpoint.pth")!r}
+        utils.atomic_save({{"epoch": 1, "w": torch.ones(10)}}, path, keep_previous=True)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            utils.atomic_save({{"epoch": 2, "w": torch.ones(1_000_000)}}, path, keep_previous=True)
+        except volume_io.WriteError as e:
+            print("WriteError:", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "WriteError:" in proc.stdout, proc.stdout + proc.stderr
+    assert str(tmp_path / "checkpoint.pth") in proc.stdout and "disk" in proc.stdout
+    assert read_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
+    assert not list(tmp_path.glob(".*tmp-*"))
