@@ -73,17 +73,17 @@ FT=(--arch "$ARCH" --epochs "$FT_EPOCHS" --iters_per_epoch "$FT_ITERS" --batch_s
 
 step "5/7 fine-tuning from the DeSD teacher -> $OUT/ft_desd"
 $PY "$here/finetune_example.py" "${FT[@]}" --pretrained "$OUT/desd/checkpoint.pth" \
-    --out_dir "$OUT/ft_desd" | tee "$OUT/ft_desd.txt"
+    --output_dir "$OUT/ft_desd" | tee "$OUT/ft_desd.txt"
 
 step "6/7 fine-tuning from scratch -> $OUT/ft_scratch"
-$PY "$here/finetune_example.py" "${FT[@]}" --out_dir "$OUT/ft_scratch" | tee "$OUT/ft_scratch.txt"
+$PY "$here/finetune_example.py" "${FT[@]}" --output_dir "$OUT/ft_scratch" | tee "$OUT/ft_scratch.txt"
 
 if [ "$PROBE" = "1" ]; then
   step "7/7 frozen-encoder probes per stage (random / DINO / DeSD) and loss curves"
-  $PY "$here/eval_probe.py" random "$OUT/dino/checkpoint.pth" "$OUT/desd/checkpoint.pth" \
-      --names random DINO DeSD --arch "$ARCH" --out_dir "$OUT/probe" ${PROBE_ARGS[@]+"${PROBE_ARGS[@]}"}
-  $PY "$here/plot_log.py" "$OUT/desd" "$OUT/dino" --labels DeSD DINO --out "$OUT/curves.png" \
-    || echo "(plot_log.py needs matplotlib: pip install matplotlib)"
+  $PY "$here/tools/eval_probe.py" random "$OUT/dino/checkpoint.pth" "$OUT/desd/checkpoint.pth" \
+      --names random DINO DeSD --arch "$ARCH" --output_dir "$OUT/probe" ${PROBE_ARGS[@]+"${PROBE_ARGS[@]}"}
+  $PY "$here/tools/plot_log.py" "$OUT/desd" "$OUT/dino" --labels DeSD DINO --out "$OUT/curves.png" \
+    || echo "(tools/plot_log.py needs matplotlib: pip install matplotlib)"
 fi
 
 dice() { grep -E '^Dice: ' "$1" | tail -n 1; }

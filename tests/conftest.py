@@ -6,6 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tools"))  # the tools are tested as modules: eval_probe, ...
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 

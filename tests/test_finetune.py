@@ -1,8 +1,9 @@
-"""finetune_example.py and export_backbone.py: safe, loud loading; the network; the loop;
-the README snippet (executed as written)."""
+"""models.pretrained and models.unet (safe, loud loading; the network), finetune_example.py
+(the loop), tools/export_backbone.py, and the README snippet (executed as written)."""
 import argparse
 import contextlib
 import io
+import json
 import pickle
 import re
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 
 import export_backbone
 import finetune_example as fe
-from models import ARCHS, ResNet3D, build_backbone
+from models import (ARCHS, PretrainedLoadError, ResNet3D, ResUNet3D, build_backbone,
+                    load_pretrained_encoder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,8 +71,8 @@ def _assert_loaded(encoder, backbone, summary, out):
 def test_full_match_trainer_checkpoint(tmp_path, pretrained, capsys):
     path = tmp_path / "checkpoint.pth"
     torch.save(_trainer_checkpoint(pretrained), path)
-    encoder = fe.ResUNet3D("res3d10", num_classes=2).encoder
-    summary = fe.load_pretrained_encoder(encoder, path)
+    encoder = ResUNet3D("res3d10", num_classes=2).encoder
+    summary = load_pretrained_encoder(encoder, path)
     out = capsys.readouterr().out
     _assert_loaded(encoder, pretrained, summary, out)
     assert summary["source"] == "teacher"
@@ -85,7 +87,7 @@ def test_published_checkpoint_with_namespace(tmp_path, pretrained, capsys):
     with pytest.raises(pickle.UnpicklingError):  # the allow-list is what makes it load
         torch.load(path, weights_only=True)
     encoder = build_backbone("res3d10")
-    summary = fe.load_pretrained_encoder(encoder, path)
+    summary = load_pretrained_encoder(encoder, path)
     _assert_loaded(encoder, pretrained, summary, capsys.readouterr().out)
 
 
@@ -94,7 +96,7 @@ def test_prefixes_and_bare_state_dicts(tmp_path, pretrained, capsys, prefix):
     path = tmp_path / "weights.pth"
     torch.save({prefix + k: v for k, v in pretrained.items()}, path)
     encoder = build_backbone("res3d10")
-    summary = fe.load_pretrained_encoder(encoder, path)
+    summary = load_pretrained_encoder(encoder, path)
     assert summary["source"] == "state dict"
     _assert_loaded(encoder, pretrained, summary, capsys.readouterr().out)
 
@@ -104,7 +106,7 @@ def test_student_only_checkpoint(tmp_path, pretrained, capsys):
     del ckpt["teacher"]
     torch.save(ckpt, tmp_path / "student.pth")
     encoder = build_backbone("res3d10")
-    summary = fe.load_pretrained_encoder(encoder, tmp_path / "student.pth")
+    summary = load_pretrained_encoder(encoder, tmp_path / "student.pth")
     assert summary["source"] == "student"
     _assert_loaded(encoder, pretrained, summary, capsys.readouterr().out)
 
@@ -113,20 +115,25 @@ def test_safetensors_backbone(tmp_path, pretrained, capsys):
     from safetensors.torch import save_file
     save_file(pretrained, str(tmp_path / "teacher_backbone.safetensors"))
     encoder = build_backbone("res3d10")
-    summary = fe.load_pretrained_encoder(encoder, tmp_path / "teacher_backbone.safetensors")
+    summary = load_pretrained_encoder(encoder, tmp_path / "teacher_backbone.safetensors")
     _assert_loaded(encoder, pretrained, summary, capsys.readouterr().out)
 
 
-def test_nothing_matches_exits_nonzero(tmp_path):
+def test_nothing_matches_is_an_error(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"teacher": {"module.encoder.stem.weight": torch.zeros(3)}}, path)
     encoder = build_backbone("res3d10")
-    with pytest.raises(fe.PretrainedLoadError, match="no tensor"):
-        fe.load_pretrained_encoder(encoder, path)
-    with pytest.raises(SystemExit) as exc:
-        fe.main(["--pretrained", str(path), "--arch", "res3d10", "--out_dir", str(tmp_path / "o")])
-    assert exc.value.code not in (0, None)
-    assert "no tensor" in str(exc.value.code) and "other.pth" in str(exc.value.code)
+    with pytest.raises(PretrainedLoadError, match="no tensor"):
+        load_pretrained_encoder(encoder, path)
+
+
+def test_example_reports_a_bad_checkpoint_by_name(tmp_path, capsys):
+    path = tmp_path / "other.pth"
+    torch.save({"teacher": {"module.encoder.stem.weight": torch.zeros(3)}}, path)
+    assert fe.main(["--pretrained", str(path), "--arch", "res3d10",
+                    "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("finetune_example.py: error:") and "no tensor" in err and "other.pth" in err
 
 
 def test_wrong_shape_is_an_error_and_loads_nothing(tmp_path, pretrained):
@@ -136,12 +143,12 @@ def test_wrong_shape_is_an_error_and_loads_nothing(tmp_path, pretrained):
     encoder = build_backbone("res3d10")
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     with pytest.raises(ValueError, match=r"conv1.weight: checkpoint \(64, 2, 7, 7, 7\)"):
-        fe.load_pretrained_encoder(encoder, tmp_path / "a.pth")
+        load_pretrained_encoder(encoder, tmp_path / "a.pth")
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
     # Another depth: named as such in the error.
     torch.save(_pretrained("res3d50"), tmp_path / "r50.pth")
-    with pytest.raises(fe.PretrainedLoadError, match="looks like res3d50"):
-        fe.load_pretrained_encoder(encoder, tmp_path / "r50.pth")
+    with pytest.raises(PretrainedLoadError, match="looks like res3d50"):
+        load_pretrained_encoder(encoder, tmp_path / "r50.pth")
 
 
 class _Payload:
@@ -167,11 +174,10 @@ def test_code_payload_is_refused_and_never_runs(tmp_path, pretrained):
         pickle.dump({"teacher": _Payload(marker)}, f, protocol=2)
     encoder = build_backbone("res3d10")
     for name in ("evil.pth", "evil_legacy.pth"):
-        with pytest.raises(fe.PretrainedLoadError, match="refused"):
-            fe.load_pretrained_encoder(encoder, tmp_path / name)
-        with pytest.raises(SystemExit) as exc:
-            export_backbone.main([str(tmp_path / name), "--out", str(tmp_path / "x.safetensors")])
-        assert "refused" in str(exc.value.code)
+        with pytest.raises(PretrainedLoadError, match="refused"):
+            load_pretrained_encoder(encoder, tmp_path / name)
+        with pytest.raises(PretrainedLoadError, match="refused"):
+            export_backbone.export_backbone(tmp_path / name, tmp_path / "x.safetensors")
         assert not marker.exists()
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -183,11 +189,11 @@ def test_network_output_matches_odd_input_sizes(arch):
         # Same code path as res3d50, only deeper: shapes checked on the meta device,
         # which runs no arithmetic (a real forward takes 5-10 s each on 2 cores).
         with torch.device("meta"):
-            net = fe.ResUNet3D(arch, num_classes=3)
+            net = ResUNet3D(arch, num_classes=3)
             out = net(torch.empty(1, 1, *size))
     else:
         torch.manual_seed(0)
-        net = fe.ResUNet3D(arch, num_classes=3)
+        net = ResUNet3D(arch, num_classes=3)
         with torch.no_grad():
             out = net(torch.randn(1, 1, *size))
         assert torch.isfinite(out).all()
@@ -196,22 +202,26 @@ def test_network_output_matches_odd_input_sizes(arch):
 
 
 def test_too_small_input_is_a_clear_error():
-    net = fe.ResUNet3D("res3d10", num_classes=2)
+    net = ResUNet3D("res3d10", num_classes=2)
     with pytest.raises(ValueError, match="too small"):
         net(torch.randn(1, 1, 16, 32, 32))
-    assert fe.deepest_stage_size((15, 37, 41)) == (1, 2, 2)
+    assert net.encoder.stage_shapes((15, 37, 41))[-1] == (1, 2, 2)
+    assert ResUNet3D("res3d10", stem_stride=(2, 2, 2)).encoder.stage_shapes((32, 64, 64))[-1] \
+        == (1, 2, 2)
+    with pytest.raises(SystemExit):  # refused by the parser, before any work
+        fe.main(["--patch_size", "16", "32", "32", "--output_dir", "unused"])
 
 
 def _tiny_run(tmp_path, name, *extra):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        results = fe.main(["--arch", "res3d10", "--epochs", "1", "--iters_per_epoch", "2",
-                           "--batch_size", "1", "--patch_size", "32", "32", "32",
-                           "--decoder_channels", "64", "32", "16", "8", "8",
-                           "--n_synthetic", "3", "--synthetic_size", "32",
-                           "--synthetic_slices", "16", "--eval_overlap", "0",
-                           "--num_threads", "1", "--out_dir", str(tmp_path / name), *extra])
-    return results, buf.getvalue()
+        assert fe.main(["--arch", "res3d10", "--epochs", "1", "--iters_per_epoch", "2",
+                        "--batch_size", "1", "--patch_size", "32", "32", "32",
+                        "--decoder_channels", "64", "32", "16", "8", "8",
+                        "--n_synthetic", "3", "--synthetic_size", "32",
+                        "--synthetic_slices", "16", "--eval_overlap", "0",
+                        "--threads", "1", "--output_dir", str(tmp_path / name), *extra]) == 0
+    return json.loads((tmp_path / name / "results.json").read_text()), buf.getvalue()
 
 
 def test_one_epoch_on_synthetic_data(tmp_path, pretrained):
@@ -233,7 +243,7 @@ def test_one_epoch_on_synthetic_data(tmp_path, pretrained):
 def test_export_backbone_round_trip(tmp_path, pretrained, capsys):
     from safetensors.torch import load_file
     torch.save(_published_checkpoint(pretrained), tmp_path / "published.pth")
-    summary = export_backbone.main([str(tmp_path / "published.pth")])
+    summary = export_backbone.export_backbone(tmp_path / "published.pth")
     out_path = tmp_path / "teacher_backbone.safetensors"
     assert summary["out"] == str(out_path) and summary["arch"] == "res3d10"
     exported = load_file(str(out_path))
@@ -241,12 +251,12 @@ def test_export_backbone_round_trip(tmp_path, pretrained, capsys):
     assert all(torch.equal(v, pretrained[k]) for k, v in exported.items())
     encoder = build_backbone("res3d10")
     capsys.readouterr()
-    _assert_loaded(encoder, pretrained, fe.load_pretrained_encoder(encoder, out_path),
+    _assert_loaded(encoder, pretrained, load_pretrained_encoder(encoder, out_path),
                    capsys.readouterr().out)
     # The student of a trainer checkpoint, deep heads left out.
     torch.save(_trainer_checkpoint(pretrained), tmp_path / "checkpoint.pth")
-    summary = export_backbone.main([str(tmp_path / "checkpoint.pth"), "--which", "student",
-                                    "--out", str(tmp_path / "s.safetensors")])
+    summary = export_backbone.export_backbone(tmp_path / "checkpoint.pth", tmp_path / "s.safetensors",
+                                              "student")
     assert summary["n_dropped"] == 4 and summary["source"] == "student"
     assert load_file(str(tmp_path / "s.safetensors")).keys() == exported.keys()
 
@@ -271,3 +281,51 @@ def test_readme_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     size = tuple(int(v) for v in re.search(r"torch\.randn\(1, 1, (\d+), (\d+), (\d+)\)",
                                            code).groups())
     assert namespace["logits"].shape == (1, 4, *size)
+
+
+def test_export_refuses_a_backbone_that_is_no_res3d(tmp_path, pretrained):
+    """A conv1 of another shape under res3d10's block counts used to be exported with a
+    res3d10 label; now the export names the mismatch and writes nothing."""
+    bad = dict(pretrained)
+    bad["conv1.weight"] = torch.zeros(64, 2, 7, 7, 7)
+    torch.save({"teacher": {"module.backbone." + k: v for k, v in bad.items()}}, tmp_path / "b.pth")
+    with pytest.raises(PretrainedLoadError, match="not a complete res3d"):
+        export_backbone.export_backbone(tmp_path / "b.pth", tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+    assert export_backbone.main([str(tmp_path / "b.pth")]) == 1
+
+
+def test_nan_weights_are_refused_on_load_and_on_export(tmp_path, pretrained):
+    from safetensors.torch import save_file
+    nan = dict(pretrained)
+    nan["layer2.0.conv1.weight"] = nan["layer2.0.conv1.weight"].clone()
+    nan["layer2.0.conv1.weight"][0, 0, 0, 0, 0] = float("nan")
+    save_file(nan, str(tmp_path / "nan.safetensors"))
+    encoder = build_backbone("res3d10")
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with pytest.raises(PretrainedLoadError, match="NaN.*layer2.0.conv1.weight"):
+        load_pretrained_encoder(encoder, tmp_path / "nan.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    with pytest.raises(PretrainedLoadError, match="NaN"):
+        export_backbone.export_backbone(tmp_path / "nan.safetensors", tmp_path / "o.safetensors")
+
+
+def test_own_safetensors_writer_and_reader_agree_with_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from models import load_safetensors, save_safetensors
+    tensors = {"f": torch.randn(3, 4), "h": torch.randn(5).half(), "b": torch.randn(2, 2).bfloat16(),
+               "i": torch.arange(6, dtype=torch.int64)[1:5], "u": torch.tensor([1, 2], dtype=torch.uint8),
+               "e": torch.zeros(0, 3), "s": torch.tensor(3.5)}
+    with open(tmp_path / "ours.safetensors", "wb") as f:
+        save_safetensors(tensors, f, {"arch": "x"})
+    theirs = load_file(str(tmp_path / "ours.safetensors"))
+    assert theirs.keys() == tensors.keys()
+    assert all(torch.equal(theirs[k], v) for k, v in tensors.items())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "lib.safetensors"),
+              metadata={"arch": "y"})
+    ours, meta = load_safetensors(tmp_path / "lib.safetensors")
+    assert meta == {"arch": "y"} and all(torch.equal(ours[k], v) for k, v in tensors.items())
+    raw = (tmp_path / "lib.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) - 10])
+    with pytest.raises(PretrainedLoadError, match="cut.safetensors.*truncated"):
+        load_safetensors(tmp_path / "cut.safetensors")

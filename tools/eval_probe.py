@@ -1,16 +1,16 @@
 """Frozen-encoder probes on every stage: what pre-training bought, stage by stage.
 
     # random initialisation vs two pre-training runs, on the synthetic organ phantoms (CPU, ~1 min)
-    python eval_probe.py random runs/dino/checkpoint.pth runs/desd/checkpoint.pth \
-        --names random DINO DeSD --arch res3d10 --out_dir probe_output
+    python tools/eval_probe.py random runs/dino/checkpoint.pth runs/desd/checkpoint.pth \
+        --names random DINO DeSD --arch res3d10 --output_dir probe_output
     # the released teacher (or any .safetensors backbone) on an MSD task, on a GPU
-    python eval_probe.py DeSD_Res50.pth --arch res3d50 --data_dir Task09_Spleen \
-        --patch_size 64 128 128 --patches_per_case 32 --epochs 100 --out_dir probe_spleen
+    python tools/eval_probe.py DeSD_Res50.pth --arch res3d50 --data_dir Task09_Spleen \
+        --patch_size 64 128 128 --patches_per_case 32 --epochs 100 --output_dir probe_spleen
 
 DeSD's claim is that distilling into every stage makes the shallow stages better, not only
 the last one; these probes measure it without fine-tuning anything. Each CHECKPOINT is
 main_desd.py's `checkpoint.pth` (its teacher), a backbone `.safetensors`
-(export_backbone.py), the released DeSD checkpoint, or the word `random` (a seeded random
+(tools/export_backbone.py), the released DeSD checkpoint, or the word `random` (a seeded random
 initialisation, the baseline). The encoder is frozen (eval mode, `torch.no_grad()`, bf16
 autocast on CUDA); each stage's feature map is extracted once, in batches, on fixed
 patches (`--patches_per_case` per case, most of them centred on an organ voxel,
@@ -29,22 +29,23 @@ deterministic for `--seed`), and per stage two probes are trained on the cached 
 
 The last `--val_fraction` of the cases (sorted by name) is held out, as in
 finetune_example.py. Data are prepared as for fine-tuning (resampled to `--spacing` mm, HU
-clipped to [-1024, 1024] / 1024) and cached under `OUT_DIR/preprocessed/`.
+clipped to [-1024, 1024] / 1024) and cached under `OUTPUT_DIR/preprocessed/`.
 
 Output: one table on stdout (rows: stages 1-4; per checkpoint a column group: Dice of each
-class, mean Dice, k-NN accuracy), and in OUT_DIR `probe_results.csv` (one row per
+class, mean Dice, k-NN accuracy), and in OUTPUT_DIR `probe_results.csv` (one row per
 checkpoint and stage: `checkpoint, stage, dice_<class>..., dice_mean, knn_acc`),
-`probe_results.json` (the same plus the settings; what `main()` returns) and
+`probe_results.json` (the same plus the settings; what `run()` returns) and
 `probe_results.png` (bar charts; skipped with a notice when matplotlib is not installed).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
+import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -54,10 +55,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune_example import (PretrainedLoadError, backbone_only, deepest_stage_size,
-                              extract_backbone_state, infer_arch, list_cases, load_cases,
-                              load_pretrained_encoder, random_patch, read_checkpoint, to_input)
-from models import ARCHS, build_backbone
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
+import utils  # noqa: E402
+import volume_io  # noqa: E402
+from models import (ARCHS, HU_MIN, build_backbone, declared_arch,  # noqa: E402
+                    extract_backbone_state, hu_to_input, infer_arch, load_pretrained_encoder,
+                    load_safetensors, read_checkpoint)
+from volume_io import float_in, int_at_least  # noqa: E402
 
 NUM_STAGES = 4
 RANDOM = "random"
@@ -68,20 +72,6 @@ class ProbeError(ValueError):
 
 
 # ----------------------------------------------------------------------------- encoders
-def declared_arch(path: Path, checkpoint) -> str | None:
-    """The depth a checkpoint says it is: `args['arch']` of a trainer checkpoint (a dict,
-    or the released checkpoint's Namespace) or the `arch` metadata of a .safetensors file."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            arch = (f.metadata() or {}).get("arch")
-    else:
-        args = checkpoint.get("args") if hasattr(checkpoint, "get") else None
-        arch = args.get("arch") if isinstance(args, dict) else getattr(args, "arch", None)
-    # Names outside ARCHS (the release says "resnet3d50") are left to the weights to tell.
-    return arch if arch in ARCHS else None
-
-
 def check_arch(path: str | os.PathLike, arch: str, which: str | None = None) -> str:
     """Refuse a checkpoint whose backbone is not `arch`; return the network read ('teacher'...).
 
@@ -92,14 +82,15 @@ def check_arch(path: str | os.PathLike, arch: str, which: str | None = None) -> 
     path = Path(path)
     checkpoint = read_checkpoint(path)
     state, source = extract_backbone_state(checkpoint, which)
-    inferred, declared = infer_arch(backbone_only(state)), declared_arch(path, checkpoint)
+    meta = load_safetensors(path)[1] if path.suffix == ".safetensors" else None
+    inferred, declared = infer_arch(state), declared_arch(checkpoint, meta)
     for found, how in ((declared, "its args/metadata"), (inferred, "its weights")):
         if found is not None and found != arch:
             raise ProbeError(f"{path}: the checkpoint's backbone is {found} (from {how}) but "
                              f"--arch is {arch}; pass --arch {found} or another checkpoint")
     if declared is None and inferred is None:
-        raise ProbeError(f"{path}: cannot tell the depth of its {source} (its layer block "
-                         f"counts match none of {', '.join(ARCHS)}); is it a DeSD backbone?")
+        raise ProbeError(f"{path}: cannot tell the depth of its {source} (its tensor names and "
+                         f"shapes match none of {', '.join(ARCHS)}); is it a DeSD backbone?")
     return source
 
 
@@ -140,7 +131,7 @@ def sample_patches(cases: Sequence, patch_size: Sequence[int], per_case: int,
     for i, case in enumerate(cases):
         rng = np.random.default_rng([seed, i])
         for _ in range(per_case):
-            img, seg = random_patch(case, patch_size, fg_fraction, rng)
+            img, seg = volume_io.random_patch(case, patch_size, fg_fraction, HU_MIN, rng)
             images.append(img)
             labels.append(seg)
     return np.stack(images), np.stack(labels)
@@ -167,7 +158,7 @@ def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int,
     encoder.to(device)
     stages: list[list[torch.Tensor]] = [[] for _ in range(NUM_STAGES)]
     for start in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
-        x = to_input(images[start:start + batch_size])[:, None].to(device)
+        x = hu_to_input(torch.from_numpy(images[start:start + batch_size]))[:, None].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             maps = encoder.forward_features(x)
         for s, m in enumerate(maps):
@@ -347,24 +338,16 @@ def _json_safe(obj):
 
 def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     """probe_results.csv and .json (atomically), and the PNG when matplotlib is installed."""
-    written = []
-    rows = csv_rows(results)
-    tmp = out_dir / "probe_results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["checkpoint", "stage",
-                                               *result_columns(results["class_names"])])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out_dir / "probe_results.csv")
-    written.append(out_dir / "probe_results.csv")
-    tmp = out_dir / "probe_results.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, out_dir / "probe_results.json")
-    written.append(out_dir / "probe_results.json")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["checkpoint", "stage",
+                                              *result_columns(results["class_names"])])
+    writer.writeheader()
+    writer.writerows(csv_rows(results))
+    written = [out_dir / "probe_results.csv", out_dir / "probe_results.json"]
+    volume_io.write_text(written[0], text.getvalue())
+    volume_io.write_text(written[1], json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
     png = plot_results(results, out_dir / "probe_results.png")
-    if png is not None:
-        written.append(png)
-    return written
+    return written + ([png] if png is not None else [])
 
 
 def plot_results(results: dict, out: Path) -> Path | None:
@@ -398,10 +381,9 @@ def plot_results(results: dict, out: Path) -> Path | None:
     axes[0].legend()
     fig.suptitle(f"frozen {results['settings']['arch']} probes per stage")
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with volume_io.atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -411,7 +393,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", default=[RANDOM], metavar="CHECKPOINT",
                    help="checkpoints to probe, side by side: main_desd.py's checkpoint.pth (its "
                         "teacher), a backbone .safetensors, the released DeSD checkpoint, or "
-                        "'random' for a seeded random initialisation (default: random)")
+                        "'random' for a seeded random initialisation")
     p.add_argument("--names", nargs="+", default=None, metavar="NAME",
                    help="one column-group name per checkpoint (default: 'random', the run "
                         "folder of a checkpoint.pth or *_backbone.safetensors, else the file name)")
@@ -421,144 +403,63 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="res3d10", choices=list(ARCHS),
                    help="encoder depth; every checkpoint must be this depth (the released "
                         "DeSD_Res50: res3d50); res3d10 is what the CPU demo pre-trains")
-    p.add_argument("--data_dir", default=None, type=str,
-                   help="MSD-style folder (imagesTr/*.nii.gz, labelsTr/*.nii.gz, optional "
-                        "dataset.json); without it the synthetic organ phantoms are generated "
-                        "into OUT_DIR")
-    p.add_argument("--num_classes", default=None, type=int,
-                   help="classes including background (default: from dataset.json, else the "
-                        "largest label + 1)")
-    p.add_argument("--patch_size", default=(16, 48, 48), type=int, nargs=3,
-                   metavar=("D", "H", "W"),
-                   help="probe patch in voxels; the last stage (D/16 x H/32 x W/32) must keep "
-                        "more than one voxel. Small for a CPU; e.g. 64 128 128 on a GPU")
-    p.add_argument("--patches_per_case", default=12, type=int,
+    p.add_argument("--patches_per_case", default=12, type=int_at_least(1),
                    help="fixed patches drawn from every case; more gives steadier numbers and "
                         "costs feature extraction time and memory (the maps are cached)")
-    p.add_argument("--fg_fraction", default=0.8, type=float,
-                   help="fraction of patches centred on a foreground voxel of a random class, "
-                        "so small organs are seen (0: uniform)")
-    p.add_argument("--val_fraction", default=1 / 3, type=float,
-                   help="fraction of the cases (the last ones by name) held out for evaluation")
-    p.add_argument("--spacing", default=(1.0, 1.0, 1.0), type=float, nargs=3,
-                   metavar=("Z", "Y", "X"), help="voxel size in mm (pre-training used 1 mm)")
-    p.add_argument("--epochs", default=40, type=int,
+    p.add_argument("--epochs", default=40, type=int_at_least(1),
                    help="passes of the linear probe over its training voxels (Adam steps = "
                         "epochs x probe_voxels / probe_batch_size; a few hundred are enough "
                         "for a linear classifier)")
-    p.add_argument("--probe_voxels", default=32768, type=int,
+    p.add_argument("--probe_voxels", default=32768, type=int_at_least(1),
                    help="voxels drawn uniformly from the training patches to fit the linear "
                         "probe on (its features upsampled exactly as at evaluation); more is "
                         "closer to training on every voxel and costs memory (x channels)")
-    p.add_argument("--probe_batch_size", default=4096, type=int,
+    p.add_argument("--probe_batch_size", default=4096, type=int_at_least(1),
                    help="voxels per linear-probe Adam step")
-    p.add_argument("--probe_lr", default=1e-2, type=float,
+    p.add_argument("--probe_lr", default=1e-2, type=float_in(0.0, low_open=True),
                    help="Adam learning rate of the linear probe (features are standardised, "
                         "so one rate suits every stage)")
-    p.add_argument("--knn_k", default=5, type=int,
+    p.add_argument("--knn_k", default=5, type=int_at_least(1),
                    help="neighbours of the k-NN probe (DINO uses 20 with thousands of images; "
                         "keep it well below the number of training patches)")
-    p.add_argument("--knn_temperature", default=0.07, type=float,
+    p.add_argument("--knn_temperature", default=0.07, type=float_in(0.0, low_open=True),
                    help="temperature of the k-NN vote weights exp(cos / T) (DINO: 0.07)")
-    p.add_argument("--knn_min_fg", default=0.01, type=float,
+    p.add_argument("--knn_min_fg", default=0.01, type=float_in(0.0, 1.0),
                    help="a patch whose foreground covers less than this fraction is labelled "
                         "background for the k-NN probe")
-    p.add_argument("--batch_size", default=8, type=int,
+    p.add_argument("--batch_size", default=8, type=int_at_least(1),
                    help="patches per forward pass of the frozen encoder")
-    p.add_argument("--n_synthetic", default=6, type=int,
-                   help="cases in the synthetic set (without --data_dir)")
-    p.add_argument("--synthetic_size", default=96, type=int,
-                   help="in-plane size of the synthetic cases in voxels")
-    p.add_argument("--synthetic_slices", default=32, type=int, help="slices per synthetic case")
-    p.add_argument("--out_dir", default="probe_output", type=str,
+    p.add_argument("--output_dir", "--out_dir", default="probe_output", type=str,
                    help="where the synthetic set, the preprocessing cache and probe_results.* go")
     p.add_argument("--seed", default=0, type=int,
                    help="seed of the synthetic set, the patches, the random encoder and the "
                         "probes: the same seed gives the same numbers")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device; bf16 autocast is used on CUDA")
-    p.add_argument("--num_threads", default=0, type=int,
-                   help="CPU threads for PyTorch (0: PyTorch's default)")
+    volume_io.add_labelled_data_args(p, patch_size=(16, 48, 48), synthetic_size=96,
+                                     fg_fraction=0.8)
+    utils.add_device_args(p)
     return p
 
 
-def _data_dir(args, out_dir: Path) -> Path:
-    if args.data_dir is not None:
-        data_dir = Path(args.data_dir)
-        if not data_dir.is_dir():
-            raise SystemExit(f"eval_probe.py: error: --data_dir {data_dir} is not a folder")
-        return data_dir
-    from synthetic_ct import make_labelled_set
-    data_dir = out_dir / (f"synthetic_labelled_n{args.n_synthetic}_s{args.synthetic_size}"
-                          f"_z{args.synthetic_slices}_seed{args.seed}")
-    if not (data_dir / "dataset.json").is_file():  # written last: its presence means complete
-        print(f"no --data_dir: generating {args.n_synthetic} synthetic labelled cases "
-              f"into {data_dir}")
-        make_labelled_set(data_dir, n_cases=args.n_synthetic, size=args.synthetic_size,
-                          n_slices=args.synthetic_slices, seed=args.seed)
-    return data_dir
-
-
-def _class_names(data_dir: Path, num_classes: int | None, max_label: int) -> list[str]:
-    labels = {}
-    meta = data_dir / "dataset.json"
-    if meta.is_file():
-        labels = {int(k): str(v) for k, v in json.loads(meta.read_text()).get("labels", {}).items()
-                  if str(k).isdigit()}
-    num_classes = num_classes or (max(labels) + 1 if labels else 0) or max_label + 1
-    if max_label >= num_classes:
-        raise SystemExit(f"eval_probe.py: error: labels in {data_dir} go up to {max_label} but "
-                         f"there are {num_classes} classes; pass --num_classes {max_label + 1}")
-    return [labels.get(c, f"class{c}").replace(",", " ") for c in range(num_classes)]
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser("DeSD per-stage probes", parents=[get_args_parser()],
-                                     description=__doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-    if math.prod(deepest_stage_size(args.patch_size)) <= 1:
-        parser.error(f"--patch_size {args.patch_size} is too small: the last stage would be one "
-                     f"voxel, which instance norm cannot normalise; use D >= 32 or H or W >= 64 "
-                     f"(or D = 16 with H, W >= 48)")
+def run(args) -> dict:
+    """Probe every checkpoint of `args.checkpoints`; returns the results (also written)."""
     names = args.names or [default_name(c) for c in args.checkpoints]
-    if len(names) != len(args.checkpoints):
-        parser.error(f"--names gives {len(names)} names for {len(args.checkpoints)} checkpoints")
     if len(set(names)) != len(names):
         names = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    device = torch.device(args.device)
-    out_dir = Path(args.out_dir)
+    device = utils.setup_device(args)
+    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
     # ---------------------------------------------------------------- checkpoints
     # Checked before the data are prepared, so a wrong checkpoint fails in seconds.
-    try:
-        for spec in args.checkpoints:
-            if spec != RANDOM:
-                check_arch(spec, args.arch, args.which)
-    except (PretrainedLoadError, ProbeError) as e:  # both name the file and what to do
-        raise SystemExit(f"eval_probe.py: error: {e}") from None
+    for spec in args.checkpoints:
+        if spec != RANDOM:
+            check_arch(spec, args.arch, args.which)
 
     # ---------------------------------------------------------------- data
-    data_dir = _data_dir(args, out_dir)
-    list_cases(data_dir)  # refuses an empty folder or images without labels, by name
-    key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]
-    cache = out_dir / "preprocessed" / ("_".join([data_dir.name, key] +
-                                                 [f"{s:g}" for s in args.spacing]))
-    cases = load_cases(data_dir, cache, args.spacing, args.seed)
-    if len(cases) < 2:
-        raise SystemExit(f"eval_probe.py: error: {data_dir} has {len(cases)} case(s); the probe "
-                         f"needs at least 2 (training + held out)")
-    max_label = max(int(np.max(c.labels)) for c in cases)
-    if max_label == 0:
-        raise SystemExit(f"eval_probe.py: error: the labels in {data_dir / 'labelsTr'} are all "
-                         f"background: the probe needs labelled organs")
-    class_names = _class_names(data_dir, args.num_classes, max_label)
+    data_dir, cases, class_names = volume_io.labelled_data(args, out_dir)
     num_classes = len(class_names)
-    n_val = min(len(cases) - 1, max(1, round(len(cases) * args.val_fraction)))
-    splits = {"train": cases[:-n_val], "val": cases[-n_val:]}
+    splits = dict(zip(("train", "val"), volume_io.split_cases(cases, args.val_fraction)))
     patches = {k: sample_patches(v, args.patch_size, args.patches_per_case, args.fg_fraction,
                                  args.seed + (k == "val"))
                for k, v in splits.items()}
@@ -579,16 +480,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = {"class_names": class_names, "columns": ["checkpoint", "stage", *cols],
                "knn_chance": chance, "checkpoints": [], "settings": {
                    k: (list(v) if isinstance(v, (tuple, list)) else v)
-                   for k, v in vars(args).items() if k not in ("device", "num_threads")}}
+                   for k, v in vars(args).items() if k not in ("device", "threads")}}
     results["settings"].update(names=names, data_dir=str(data_dir))
     results["settings"]["held_out"] = [c.name for c in splits["val"]]
     for spec, name in zip(args.checkpoints, names):
         print(f"== {name}: {spec}")
         t0 = time.time()
-        try:
-            encoder = build_encoder(spec, args.arch, args.seed, args.which)
-        except (PretrainedLoadError, ProbeError) as e:
-            raise SystemExit(f"eval_probe.py: error: {e}") from None
+        encoder = build_encoder(spec, args.arch, args.seed, args.which)
         feats = {k: extract_features(encoder, images, args.batch_size, device)
                  for k, (images, _) in patches.items()}
         t1 = time.time()
@@ -609,13 +507,35 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"   features {t1 - t0:.1f} s, probes {time.time() - t1:.1f} s")
 
     # ---------------------------------------------------------------- report
-    table = format_table(results)
-    print(table)
+    print(format_table(results))
     results["seconds"] = round(time.time() - start, 1)
     written = write_outputs(results, out_dir)
     print(f"written: {', '.join(str(p) for p in written)} ({results['seconds']:.0f} s)")
     return results
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the arguments (a bad value stops here, naming the flag)."""
+    parser = argparse.ArgumentParser("eval_probe.py", parents=[get_args_parser()],
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    args = parser.parse_args(argv)
+    utils.check_patch_size(parser, args.arch, args.patch_size)
+    if args.names is not None and len(args.names) != len(args.checkpoints):
+        parser.error(f"--names gives {len(args.names)} names for {len(args.checkpoints)} "
+                     f"checkpoints")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:  # PretrainedLoadError, ProbeError, VolumeError ...
+        print(f"eval_probe.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

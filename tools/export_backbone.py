@@ -1,23 +1,28 @@
 """Export the backbone of a DeSD checkpoint as a bare `.safetensors` state dict.
 
-    python export_backbone.py checkpoint.pth    # -> teacher_backbone.safetensors beside it
-    python export_backbone.py DeSD_Res50.pth --out desd_res50_teacher.safetensors
-    python export_backbone.py checkpoint.pth --which student
+    python tools/export_backbone.py checkpoint.pth    # -> teacher_backbone.safetensors beside it
+    python tools/export_backbone.py DeSD_Res50.pth --out desd_res50_teacher.safetensors
+    python tools/export_backbone.py checkpoint.pth --which student
 
 Works on main_desd.py's `checkpoint.pth`, on the released DeSD checkpoint (read with
 `weights_only=True`; only its `argparse.Namespace` is allowed) and on bare state dicts.
-The keys are those of `models.ResNet3D` (`conv1.weight`, `layer1.0.conv1.weight`, ...),
-so `finetune_example.load_pretrained_encoder` and `encoder.load_state_dict` take the
-file directly; a `.safetensors` file holds only tensors and cannot run code when read.
+The file is what the trainer writes at the end of a run (`models.save_backbone`): the keys
+of `models.ResNet3D` (`conv1.weight`, `layer1.0.conv1.weight`, ...), the depth checked
+against every tensor's shape and written as metadata (`arch`, `source`, `checkpoint`), no
+NaN/inf. `models.load_pretrained_encoder` and `encoder.load_state_dict` take it directly;
+a `.safetensors` file holds only tensors and cannot run code when read.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
-from finetune_example import PretrainedLoadError, backbone_only, extract_backbone_state, infer_arch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
+import volume_io  # noqa: E402
+from models import backbone_only, extract_backbone_state, read_checkpoint, save_backbone  # noqa: E402
 
 
 def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -27,34 +32,26 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
     `which`: 'teacher' or 'student'; by default the teacher, else the student, else the
     checkpoint itself as a bare state dict. `out` defaults to `teacher_backbone.safetensors`
     (`student_…`, or `<checkpoint name>_backbone…` for a bare state dict) beside the
-    checkpoint.
+    checkpoint. Raises `models.PretrainedLoadError` (a ValueError) when the checkpoint
+    holds no complete, finite res3d* backbone.
     """
-    from safetensors.torch import save_file
     checkpoint = Path(checkpoint)
-    state, source = extract_backbone_state(checkpoint, which)
-    backbone = backbone_only(state)
-    if not backbone:
-        raise PretrainedLoadError(f"{checkpoint}: its {source} has no backbone tensors "
-                                  f"(conv1, norm1, layer1..4); its entries look like "
-                                  f"{', '.join(list(state)[:3])}")
-    arch = infer_arch(backbone)
+    state, source = extract_backbone_state(read_checkpoint(checkpoint), which)
     if out is None:
         stem = source if source in ("teacher", "student") else checkpoint.name.split(".")[0]
         out = checkpoint.with_name(f"{stem}_backbone.safetensors")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses tensors that share memory or are not contiguous.
-    tensors = {k: v.detach().contiguous().clone() for k, v in backbone.items()}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"arch": arch or "unknown", "source": source,
-                                           "checkpoint": checkpoint.name})
-    os.replace(tmp, out)
-    return {"out": str(out), "arch": arch, "source": source, "n_tensors": len(tensors),
-            "n_dropped": len(state) - len(tensors)}
+    with volume_io.atomic_write(out) as f:
+        meta = save_backbone(state, f, {"source": source, "checkpoint": checkpoint.name})
+    n = len(backbone_only(state))
+    return {"out": str(out), "arch": meta["arch"], "source": source, "n_tensors": n,
+            "n_dropped": len(state) - n}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("export_backbone.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint.pth of main_desd.py, the released DeSD "
                                            "checkpoint, or a bare backbone state dict")
     parser.add_argument("--out", default=None,
@@ -66,13 +63,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         summary = export_backbone(args.checkpoint, args.out, args.which)
-    except PretrainedLoadError as e:
-        raise SystemExit(f"export_backbone.py: error: {e}") from None
-    print(f"{summary['n_tensors']} tensors ({summary['arch'] or 'unknown depth'}) of the "
-          f"{summary['source']} written to {summary['out']}; {summary['n_dropped']} head "
-          f"tensors left out")
-    return summary
+    except (ValueError, OSError) as e:
+        print(f"export_backbone.py: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{summary['n_tensors']} tensors ({summary['arch']}) of the {summary['source']} "
+          f"written to {summary['out']}; {summary['n_dropped']} head tensors left out")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

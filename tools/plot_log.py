@@ -1,7 +1,7 @@
 """Training curves of main_desd.py runs as one PNG: losses, schedules, collapse indicators.
 
-    python plot_log.py runs/desd                                  # -> curves.png
-    python plot_log.py runs/dino runs/desd --labels DINO DeSD --out curves.png
+    python tools/plot_log.py runs/desd                                  # -> curves.png
+    python tools/plot_log.py runs/dino runs/desd --labels DINO DeSD --out curves.png
 
 Reads `OUTPUT_DIR/log.txt` (one JSON line per epoch, written by main_desd.py) of every run
 and draws six panels, the runs overlaid in one colour each:
@@ -18,11 +18,15 @@ is left out for that run. matplotlib is needed here only (pip install matplotlib
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
+import volume_io  # noqa: E402
+from utils import read_log  # noqa: E402
 
 NUM_STAGES = 4
 # (panel title, [(log key, legend label)]): the key is looked up with and without "train_".
@@ -39,37 +43,6 @@ PANELS = (
      [(f"kl_stage{k}", f"stage {k}") for k in range(1, NUM_STAGES + 1)]),
 )
 LINESTYLES = ("-", "--", ":", "-.")
-
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The epochs of a main_desd.py `log.txt` (or of the `log.txt` in a folder), in order.
-
-    An epoch logged twice (a run resumed from an older checkpoint) keeps its last line.
-    Raises SystemExit naming the file when it is missing, empty or not JSON lines.
-    """
-    path = Path(path)
-    if not path.is_file() and path.suffix != ".txt":  # an OUTPUT_DIR, existing or not
-        path = path / "log.txt"
-    if not path.is_file():
-        raise SystemExit(f"plot_log.py: error: {path} does not exist; pass the --output_dir of "
-                         f"a main_desd.py run (it writes log.txt after each epoch)")
-    by_epoch: dict[int, dict] = {}
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"plot_log.py: error: {path} line {n} is not JSON ({e}); is it a "
-                             f"main_desd.py log.txt?") from None
-        if not isinstance(record, dict):
-            raise SystemExit(f"plot_log.py: error: {path} line {n} is not a JSON object")
-        by_epoch[int(record.get("epoch", len(by_epoch)))] = record
-    if not by_epoch:
-        raise SystemExit(f"plot_log.py: error: {path} is empty: no epoch of that run has "
-                         f"finished yet")
-    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
@@ -121,10 +94,9 @@ def plot_runs(runs: dict[str, list[dict]], out: str | os.PathLike) -> Path:
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with volume_io.atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -140,31 +112,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dirs", nargs="+", metavar="OUTPUT_DIR",
                    help="--output_dir of main_desd.py runs (or their log.txt files); several "
                         "are overlaid, one colour each")
-    p.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
+    p.add_argument("--out", default="curves.png", help="PNG to write")
     p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                    help="one legend label per run (default: the folder names)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser("DeSD training curves", parents=[get_args_parser()],
-                                     description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("plot_log.py", parents=[get_args_parser()],
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     args = parser.parse_args(argv)
     labels = args.labels or default_labels(args.output_dirs)
     if len(labels) != len(args.output_dirs):
         parser.error(f"--labels gives {len(labels)} labels for {len(args.output_dirs)} runs")
     if len(set(labels)) != len(labels):
         parser.error(f"--labels must differ from each other, got {labels}")
-    runs = {label: read_log(d) for label, d in zip(labels, args.output_dirs)}
     try:
+        runs = {label: read_log(d) for label, d in zip(labels, args.output_dirs)}
         import matplotlib  # noqa: F401  (optional dependency, needed only here)
     except ImportError:
-        raise SystemExit("plot_log.py: error: matplotlib is not installed; "
-                         "pip install matplotlib") from None
+        print("plot_log.py: error: matplotlib is not installed; pip install matplotlib",
+              file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"plot_log.py: error: {e}", file=sys.stderr)
+        return 1
     out = plot_runs(runs, args.out)
     print(f"{', '.join(f'{k} ({len(v)} epochs)' for k, v in runs.items())} -> {out}")
-    return out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
