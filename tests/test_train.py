@@ -445,3 +445,51 @@ def test_published_checkpoint_is_mapped_and_resumed(data, tmp_path, capsys):
     assert "optimizer starts fresh" in text and "at epoch 1" in text
     resumed = torch.load(out / "checkpoint.pth", weights_only=True)
     assert resumed["epoch"] == 2 and set(resumed["student"]) == set(ckpt["student"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs"), (["--warmup_epochs", "5", "--epochs", "3"], "--warmup_epochs"),
+    (["--warmup_teacher_temp_epochs", "9", "--epochs", "3"], "--warmup_teacher_temp_epochs"),
+    (["--print_freq", "0"], "--print_freq"), (["--out_dim", "0"], "--out_dim"),
+    (["--lr", "-1"], "--lr"), (["--momentum_teacher", "2"], "--momentum_teacher"),
+    (["--stage_weights", "0", "0", "0", "0"], "--stage_weights"),
+    (["--stage_weights", "1", "-1", "0", "1"], "--stage_weights"),
+    (["--head_hidden_dim", "0"], "--head_hidden_dim"), (["--batch_size_per_gpu", "0"], "--batch_size_per_gpu"),
+    (["--num_workers", "-1"], "--num_workers"), (["--teacher_temp", "0"], "--teacher_temp"),
+    (["--teacher_temp", "nan"], "--teacher_temp"), (["--weight_decay", "-0.1"], "--weight_decay"),
+    (["--local_crop_size", "16", "128", "128"], "--local_crop_size"), (["--compile", "maybe"], "--compile"),
+])
+def test_invalid_arguments_are_refused_before_any_work(argv, message, capsys):
+    import main_desd
+    with pytest.raises(SystemExit) as e:
+        main_desd.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_published_command_line_parses():
+    """Every flag of the published run_ssl.sh, including the two the release parsed and
+    never used (--global_crops_scale, --local_crops_scale), and the use_fp16 alias."""
+    import main_desd
+    args = main_desd.parse_args([
+        "--arch", "res3d50", "--batch_size_per_gpu", "32", "--optimizer", "sgd", "--use_fp16",
+        "False", "--momentum_teacher", "0.996", "--epochs", "300", "--out_dim", "60000",
+        "--warmup_teacher_temp", "0.04", "--teacher_temp", "0.07", "--warmup_teacher_temp_epochs",
+        "20", "--weight_decay", "1e-6", "--weight_decay_end", "1e-6", "--clip_grad", "0",
+        "--lr", "0.3", "--min_lr", "0.048", "--use_bn_in_head", "True", "--global_crops_scale",
+        "0.4", "1.0", "--local_crops_scale", "0.05", "0.4", "--local_crops_number", "0",
+        "--norm_last_layer", "True", "--saveckp_freq", "50", "--num_workers", "10"])
+    assert args.precision == "fp32" and args.use_bn_in_head is True
+    assert args.global_crops_scale == [0.4, 1.0]
+    assert main_desd.parse_args(["--use_fp16", "True"]).precision == "auto"
+    assert main_desd.parse_args(["--use_fp16", "False", "--precision", "bf16"]).precision == "bf16"
+
+
+def test_list_file_in_a_sub_folder_trains(data, tmp_path):
+    """splitting_to_patches.py --list_file lists/ssl.txt writes '../DL_patches_v2/...'; the
+    trainer reads it by the same rule (relative to the list file's folder)."""
+    files = sorted((data / "DL_patches_v2").glob("*.npy"))
+    volume_io.write_list_file(data / "lists" / "ssl.txt", files)
+    assert (data / "lists" / "ssl.txt").read_text().startswith("../DL_patches_v2/")
+    out = tmp_path / "sub"
+    train_here(data, out, "--list_path", "lists/ssl.txt", "--epochs", "1", "--max_iters_per_epoch", "1")
+    assert (out / "checkpoint.pth").is_file()
