@@ -4,8 +4,9 @@ SPEC.md §4. One sample is the list ``[global1, global2, local1, ...]`` of float
 shaped ``(1, D, H, W)``. The work is split in three parts so that each can run where it
 is cheapest:
 
-* reading (:func:`load_subvolume`): int16 voxels as stored, from ``.nii.gz``, ``.nii``
-  or ``.npy``; never through float64;
+* reading (:func:`open_subvolume`): int16 voxels as stored, from ``.nii.gz``, ``.nii``,
+  ``.npy`` or ``.b2nd`` (chunked: only the base crop's chunks are decoded); never
+  through float64;
 * geometry (:func:`make_views`): pad, base crop, per-view crop, flips, bilinear in-plane
   resize; it crops the int16 array first and converts only the crop to float32;
 * intensity (SPEC §4.5): either in the DataLoader worker with NumPy/SciPy
@@ -55,6 +56,7 @@ __all__ = [
     "IntensityParams",
     "VIEW_INTENSITY_PARAMS",
     "load_subvolume",
+    "open_subvolume",
     "pad_volume",
     "make_views",
     "augment_view_numpy",
@@ -150,13 +152,15 @@ def load_subvolume(path: str) -> np.ndarray:
                 data = _nifti_voxels(_decompress_gzip(f.read()), path)
         elif suffix == ".nii":
             data = _nifti_voxels(_map_file(path), path)
+        elif suffix == ".b2nd":
+            return volume_io.B2ndVolume(path).read()  # reports damage itself
         else:
             raise ValueError(f"unsupported file type (expected one of "
                              f"{volume_io.VOLUME_SUFFIXES})")
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             raise ValueError(f"{int((~np.isfinite(data)).sum())} NaN or inf voxels")
         return data
-    except FileNotFoundError:
+    except (FileNotFoundError, volume_io.VolumeError):
         raise
     except Exception as e:  # truncated/corrupt files raise EOFError, zlib.error, ValueError...
         raise ValueError(
@@ -164,6 +168,26 @@ def load_subvolume(path: str) -> np.ndarray:
             f"corrupt; re-create it with splitting_to_patches.py (delete it first) or drop it "
             f"from the list file."
         ) from e
+
+
+class _InMemory:
+    """An ``(x, y, z)`` array with the reader interface of ``volume_io.B2ndVolume``."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape = array, array.shape
+
+    def window(self, xs: slice, ys: slice, zs: slice = slice(None)) -> np.ndarray:
+        return self.array[xs, ys, zs]
+
+
+def open_subvolume(path: str):
+    """A reader of one sub-volume: ``shape`` (x, y, z) and ``window(xs, ys, zs)``. A
+    ``.b2nd`` file decodes only the window's chunks; the other formats are read whole
+    (``load_subvolume``; ``.nii``/``.npy`` memory-mapped, so a window touches its pages
+    only)."""
+    if volume_io.volume_suffix(path) == ".b2nd":
+        return volume_io.B2ndVolume(path)
+    return _InMemory(load_subvolume(path))
 
 
 # --------------------------------------------------------------------------- geometry
@@ -187,16 +211,17 @@ def _scaled_size(n: int, lo: float, hi: float, limit: int, rng: np.random.Genera
     return n if size >= limit else size
 
 
-def _one_view(vol, x0, y0, bh, bw, size_dhw, scale, rng) -> torch.Tensor:
-    """Crop one view from the base crop ``vol[x0:x0+bh, y0:y0+bw, :]``; returns (1, D, H, W)."""
+def _one_view(base, size_dhw, scale, rng) -> torch.Tensor:
+    """Crop one view from the (padded) base crop ``base`` (x, y, z); returns (1, D, H, W)."""
     d, h, w = size_dhw
+    bh, bw, depth = base.shape
     sh = _scaled_size(h, *scale, bh, rng)
     sw = _scaled_size(w, *scale, bw, rng)
-    z0 = int(rng.integers(0, vol.shape[2] - d + 1))
-    x1 = x0 + int(rng.integers(0, bh - sh + 1))
-    y1 = y0 + int(rng.integers(0, bw - sw + 1))
+    z0 = int(rng.integers(0, depth - d + 1))
+    x1 = int(rng.integers(0, bh - sh + 1))
+    y1 = int(rng.integers(0, bw - sw + 1))
     flip = rng.random(3) < FLIP_P
-    crop = vol[x1:x1 + sh, y1:y1 + sw, z0:z0 + d].transpose(2, 0, 1)  # (z, x, y) = (D, H, W)
+    crop = base[x1:x1 + sh, y1:y1 + sw, z0:z0 + d].transpose(2, 0, 1)  # (z, x, y) = (D, H, W)
     crop = crop[tuple(slice(None, None, -1) if f else slice(None) for f in flip)]
     # Cast only the crop, straight into a (D, H, W) C-ordered array; dividing by 1024 is
     # exact in float32 (a power of two).
@@ -212,7 +237,7 @@ def _one_view(vol, x0, y0, bh, bw, size_dhw, scale, rng) -> torch.Tensor:
 
 
 def make_views(
-    vol: np.ndarray,
+    vol,
     rng: np.random.Generator,
     global_crop_size: Sequence[int] = (16, 96, 96),
     local_crop_size: Sequence[int] = (16, 48, 48),
@@ -220,17 +245,25 @@ def make_views(
 ) -> list[torch.Tensor]:
     """SPEC §4 steps 1-4 on an ``(x, y, z)`` volume: float32 views ``(1, D, H, W)`` in HU/1024.
 
-    The base crop (full depth, in-plane ``H·s``, s ~ U(1.4, 1.8)) is never materialised:
-    its offsets are added to each view's, so only the views' voxels are touched.
+    ``vol`` is an array or a reader (``open_subvolume``). The base crop (full depth,
+    in-plane ``H·s``, s ~ U(1.4, 1.8)) is drawn from the shape alone, then only its window
+    is read and padded as the whole volume would have been (x, y at the end, z evenly), so
+    every format gives the same views for the same draws.
     """
-    vol = pad_volume(vol, global_crop_size)
-    _, gh, gw = global_crop_size
-    bh = _scaled_size(gh, *BASE_SCALE, vol.shape[0], rng)
-    bw = _scaled_size(gw, *BASE_SCALE, vol.shape[1], rng)
-    x0 = int(rng.integers(0, vol.shape[0] - bh + 1))
-    y0 = int(rng.integers(0, vol.shape[1] - bw + 1))
+    src = vol if hasattr(vol, "window") else _InMemory(np.asarray(vol))
+    nx, ny, nz = src.shape
+    d, gh, gw = global_crop_size
+    px, py, pz = max(nx, gh), max(ny, gw), max(nz, d)  # the padded volume's shape
+    bh = _scaled_size(gh, *BASE_SCALE, px, rng)
+    bw = _scaled_size(gw, *BASE_SCALE, py, rng)
+    x0 = int(rng.integers(0, px - bh + 1))
+    y0 = int(rng.integers(0, py - bw + 1))
+    base = src.window(slice(x0, min(x0 + bh, nx)), slice(y0, min(y0 + bw, ny)), slice(None))
+    mx, my, mz = bh - base.shape[0], bw - base.shape[1], pz - nz
+    if mx or my or mz:
+        base = np.pad(base, ((0, mx), (0, my), (mz // 2, mz - mz // 2)), mode="constant")
     specs = [(global_crop_size, GLOBAL_SCALE)] * 2 + [(local_crop_size, LOCAL_SCALE)] * local_crops_number
-    return [_one_view(vol, x0, y0, bh, bw, size, scale, rng) for size, scale in specs]
+    return [_one_view(base, size, scale, rng) for size, scale in specs]
 
 
 # --------------------------------------------------------------------------- intensity
@@ -525,7 +558,7 @@ class DeepLesionSSL(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> list[torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, self.epoch, int(i)])
-        vol = load_subvolume(self.paths[i])
+        vol = open_subvolume(self.paths[i])
         views = make_views(vol, rng, self.global_crop_size, self.local_crop_size, self.local_crops_number)
         if self.augment_on == "cpu":
             views = [

@@ -12,7 +12,13 @@ in-plane to the central 80 % when ``w > 320`` (SPEC.md section 3), and written a
 - ``nii.gz`` (default, as published) or ``nii`` (uncompressed, faster to read):
   NIfTI-1, int16, no scaling;
 - ``npy``: the int16 array in nibabel's ``(x, y, z)`` order, i.e. exactly what
-  ``nibabel.load(...).get_fdata()`` gives for the NIfTI formats (as int16).
+  ``nibabel.load(...).get_fdata()`` gives for the NIfTI formats (as int16);
+- ``b2nd``: a blosc2 NDArray (chunks of the full depth by 48 x 48, LZ4HC + bit-shuffle,
+  CRC-32 per chunk, geometry in its metadata), which the loader reads window by window
+  (``volume_io.write_b2nd``; ``pip install blosc2``).
+
+``--convert_to b2nd --list_file L`` converts existing ``.nii.gz``/``.nii`` sub-volumes:
+    python splitting_to_patches.py --convert_to b2nd --list_file SSL_data_deeplesion.txt
 
 The list file gets one line per sub-volume of the chosen format found in ``--output_dir``,
 sorted, each the path relative to the list file's folder (the defaults give
@@ -32,7 +38,7 @@ import volume_io
 TILE_DEPTH = 24
 TILE_STRIDE = 12
 CROP_ABOVE = 320
-FORMATS = ("nii.gz", "nii", "npy")
+FORMATS = ("nii.gz", "nii", "npy", "b2nd")
 
 
 # ----------------------------------------------------------------------------- pure arrays
@@ -79,9 +85,16 @@ def stem(path):
 # ----------------------------------------------------------------------------- file I/O
 
 def write_tile(tile_zyx, path, fmt, reference=None, compression_level=1):
-    """Atomically write one sub-volume in ``fmt``, geometry copied from ``reference``."""
+    """Atomically write one sub-volume in ``fmt``, geometry copied from ``reference`` (a
+    SimpleITK image; .npy keeps none)."""
     if fmt == "npy":
         volume_io.write_npy(tile_zyx.transpose(2, 1, 0), path)  # nibabel's (x, y, z)
+        return
+    if fmt == "b2nd":
+        geometry = {} if reference is None else dict(
+            spacing_xyz=reference.GetSpacing(), origin=reference.GetOrigin(),
+            direction=reference.GetDirection())
+        volume_io.write_b2nd(tile_zyx.transpose(2, 1, 0), path, **geometry)
         return
     import SimpleITK as sitk
 
@@ -120,6 +133,42 @@ def split_file(in_path, out_dir, fmt="nii.gz", overwrite=False, compression_leve
     return volume_io.DONE
 
 
+def convert_file(in_path, fmt, overwrite=False, compression_level=1):
+    """Rewrite one sub-volume in ``fmt`` beside it (same name, new suffix); DONE or SKIPPED."""
+    out = Path(in_path).with_name(stem(in_path) + f".{fmt}")
+    if not overwrite and volume_io.output_complete(out):
+        return volume_io.SKIPPED
+    img, arr = volume_io.read_nifti(in_path)
+    write_tile(arr, out, fmt, img, compression_level)
+    return volume_io.DONE
+
+
+def convert(args):
+    """--convert_to: every sub-volume of --list_file rewritten in the new format beside
+    it; the list file is rewritten to name them once all are done (until then it keeps
+    naming the originals, which stay)."""
+    fmt = args.convert_to
+    paths = [Path(p) for p in volume_io.read_list_file(args.list_file)]
+    bad = [p for p in paths if volume_io.volume_suffix(p) not in (".nii.gz", ".nii")]
+    if bad:
+        print(f"splitting_to_patches: --convert_to reads NIfTI sub-volumes; {args.list_file} "
+              f"lists {len(bad)} others, e.g. {bad[0]}", file=sys.stderr)
+        return 1
+    for folder in {p.parent for p in paths}:
+        volume_io.remove_stale_temps(folder)
+    tasks = [(str(p), (p, fmt, args.overwrite, args.compression_level)) for p in paths]
+    rc = volume_io.run_tasks(convert_file, tasks, args.num_workers, "splitting_to_patches",
+                             Path(args.list_file).parent / "splitting_to_patches_failures.txt")
+    if rc:
+        print(f"splitting_to_patches: {args.list_file} left unchanged (it still names the "
+              f"{len(paths)} originals); fix the failures and run again", file=sys.stderr)
+        return rc
+    volume_io.write_list_file(args.list_file, [p.with_name(stem(p) + f".{fmt}") for p in paths])
+    print(f"splitting_to_patches: {len(paths)} sub-volumes converted to .{fmt}; "
+          f"{args.list_file} now names them (the originals can be deleted)", file=sys.stderr)
+    return 0
+
+
 def subvolumes(out_dir, fmt):
     """Every ``*_dep*.{fmt}`` sub-volume in ``out_dir`` (temporary files left out)."""
     return [p for p in Path(out_dir).iterdir()
@@ -138,14 +187,32 @@ def get_args_parser():
                    help="List file written at the end: one sub-volume per line, relative to "
                         "the list file's folder.")
     p.add_argument("--format", default="nii.gz", choices=FORMATS,
-                   help="Sub-volume format: nii.gz as published (smallest); nii (about 2-3x "
-                        "the disk) or npy (nibabel (x, y, z) order) read several times faster.")
+                   help="Sub-volume format: nii.gz as published; b2nd (blosc2, chunked: smaller "
+                        "than nii.gz and several times faster to read, needs pip install "
+                        "blosc2); nii or npy (nibabel (x, y, z) order) fastest, 2-3x the disk. "
+                        "See the README's Speed section.")
+    p.add_argument("--convert_to", default=None, choices=[f for f in FORMATS if f != "nii.gz"],
+                   help="Instead of splitting: rewrite every sub-volume that --list_file names "
+                        "in this format, beside the original, then rewrite the list file. "
+                        "Resumable and parallel like the split.")
     volume_io.add_batch_args(p, compression=True)
     return p
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if "b2nd" in (args.format, args.convert_to):
+        try:
+            volume_io.require_blosc2()
+        except ValueError as e:
+            print(f"splitting_to_patches: {e}", file=sys.stderr)
+            return 2
+    if args.convert_to:
+        try:
+            return convert(args)
+        except (OSError, ValueError) as e:
+            print(f"splitting_to_patches: {e}", file=sys.stderr)
+            return 1
     out_dir = Path(args.output_dir)
     inputs = volume_io.stage_inputs(args.in_dir, out_dir, "splitting_to_patches", "re_spacing_ITK.py")
     if inputs is None:

@@ -1,30 +1,36 @@
-"""Throughput of the pre-training dataset per DataLoader worker (one process, one thread).
+"""Throughput of the pre-training dataset per DataLoader worker (one process, one thread),
+and the bytes each sub-volume format takes on disk.
 
-    python benchmarks/bench_loader.py                 # defaults: 8 files per format, 5 repeats
-    python benchmarks/bench_loader.py --files 16 --repeats 9
+    python benchmarks/bench_loader.py                    # 8 files per format, 7 rounds
+    python benchmarks/bench_loader.py --files 12 --rounds 11 --layouts
 
-Writes synthetic CT-like 24x288x288 int16 sub-volumes (the published tile size) as
-.nii.gz (gzip level 1, as splitting_to_patches.py writes), .nii and .npy into a
-temporary folder, then times, per sample (two global views, the published setting):
+Sub-volumes: CT-like 24x288x288 int16 tiles made the way the pipeline makes them: a
+phantom (`synthetic_ct.phantom`) at a native spacing (in-plane 0.70-0.85 mm, slices
+1.25/2.5/5 mm) with 10-30 HU noise correlated in-plane as a reconstruction kernel leaves
+it, resampled to 1 mm by stage 2's own `re_spacing_ITK.resample_array`, then cropped to
+the published tile. Each is written in every format by stage 3's own
+`splitting_to_patches.write_tile` (.nii.gz at gzip level 1, as the script writes it).
 
-- read: ``load_subvolume`` (for .nii/.npy a memory map: pages are read by the crop);
-- crop/flip/resize: ``make_views`` on an in-memory array (base crop, 2 global views);
-- CPU part: read + crop/flip/resize end to end (what a worker does with
-  ``--augment_on device``), timed as such; the issue's targets apply to this column;
-- CPU aug: the intensity transforms in NumPy/SciPy (``--augment_on cpu``);
-- device aug: ``BatchIntensityAugment`` on a batch of 32 (both views) run on this CPU,
-  per sample; on a GPU it runs asynchronously beside the training step.
+Per sample (two global views, the published setting), medians over rounds in which the
+formats take turns on the same files (interleaved, so a busy machine slows all alike):
 
-Also, for reference: the gzip decoder without ISA-L (zlib) and the published read
-(``nibabel.load(path).get_fdata()``, float64). Medians over repeats; the files are in
-the page cache, so disk speed is not measured.
+- read: `load_subvolume`, the whole sub-volume (.nii/.npy are memory maps);
+- worker: `make_views(open_subvolume(path))`, what a DataLoader worker does with
+  `--augment_on device` (the default): read (for .b2nd only the base crop's chunks),
+  base crop, two views, flips, resize. The issue's goals apply to this column;
+- + CPU aug: the same plus the intensity transforms in NumPy (`--augment_on cpu`);
+- device aug: `BatchIntensityAugment` on a batch of 32 run on this CPU, per sample (on a
+  GPU it runs beside the training step).
+
+`--layouts` adds the .b2nd layout comparison that chose the default (bytes and worker
+time of a few chunk/block/codec/filter choices). The files are in the page cache, so
+disk speed is not measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,131 +39,152 @@ import time
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_loader_ssl as dl  # noqa: E402
+import re_spacing_ITK  # noqa: E402
+import splitting_to_patches  # noqa: E402
+import utils  # noqa: E402
+import volume_io  # noqa: E402
+from synthetic_ct import phantom  # noqa: E402
+
+FORMATS = ("nii.gz", "nii", "npy", "b2nd")
+# (label, write_b2nd keyword arguments): the default first
+LAYOUTS = (
+    ("48x48 chunks, 24x24 blocks, LZ4HC5 bitshuffle (default)", {}),
+    ("96x96 chunks, 32x32 blocks, LZ4HC5 bitshuffle", dict(chunk_xy=96, block_xy=32)),
+    ("96x96 chunks, 32x32 blocks, LZ4HC9 shuffle", dict(chunk_xy=96, block_xy=32, clevel=9,
+                                                        filters=("SHUFFLE",))),
+    ("96x96 chunks, 32x32 blocks, ZSTD1 shuffle", dict(chunk_xy=96, block_xy=32, codec="ZSTD",
+                                                       clevel=1, filters=("SHUFFLE",))),
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--files", type=int, default=8, help="distinct sub-volumes per format (default 8)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes; medians are reported (default 5)")
-    p.add_argument("--batch", type=int, default=32, help="batch size for the device-aug timing (default 32)")
-    p.add_argument("--shape", type=int, nargs=3, default=(24, 288, 288), metavar=("D", "H", "W"),
-                   help="sub-volume size (default 24 288 288, the published tile)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: a DataLoader worker uses one)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--files", type=volume_io.int_at_least(1), default=8,
+                   help="distinct sub-volumes per format")
+    p.add_argument("--rounds", type=volume_io.int_at_least(1), default=7,
+                   help="timed rounds (formats interleaved in each); medians are reported")
+    p.add_argument("--batch", type=volume_io.int_at_least(1), default=32,
+                   help="batch size of the device-augmentation timing")
+    p.add_argument("--threads", type=volume_io.int_at_least(1), default=1,
+                   help="torch threads (a DataLoader worker uses one)")
+    p.add_argument("--layouts", default=False, **volume_io.BOOL,
+                   help="also compare .b2nd layouts (what chose the default)")
     return p
 
 
-def ct_like(shape_dhw, seed):
-    """A CT-like (z, y, x) int16 volume: air, body, lungs, bone, 20 HU noise."""
+def ct_tile(seed: int, shape_zyx=(24, 288, 288)) -> np.ndarray:
+    """One (z, y, x) int16 tile at 1 mm, made as the pipeline makes them (see the docstring)."""
     rng = np.random.default_rng(seed)
-    d, h, w = shape_dhw
-    y, x = np.mgrid[:h, :w]
-    y = y - h / 2
-    x = x - w / 2
-    plane = np.full((h, w), -1000.0)
-    plane[(x / (0.45 * w)) ** 2 + (y / (0.35 * h)) ** 2 < 1] = 40
-    for sx in (-1, 1):
-        plane[((x - sx * 0.14 * w) / (0.12 * w)) ** 2 + (y / (0.17 * h)) ** 2 < 1] = -800
-    plane[(x / (0.05 * w)) ** 2 + ((y + 0.24 * h) / (0.05 * h)) ** 2 < 1] = 700
-    vol = np.repeat(plane[None], d, axis=0) + rng.normal(0, 20, (d, h, w))
-    return np.clip(np.round(vol), -1024, 1024).astype(np.int16)
+    sz, sxy = (1.25, 2.5, 5.0)[seed % 3], float(rng.uniform(0.70, 0.85))
+    nz, nxy = int(np.ceil(shape_zyx[0] / sz)) + 2, int(np.ceil(shape_zyx[1] / sxy)) + 2
+    hu, _ = phantom((nz, nxy, nxy), (sz, sxy, sxy), rng)
+    noise = ndimage.gaussian_filter(rng.standard_normal((nz, nxy, nxy)).astype(np.float32),
+                                    sigma=(0, *[float(rng.uniform(0.8, 1.5))] * 2))
+    noise *= float(rng.uniform(10.0, 30.0)) / noise.std()
+    vol = np.clip(np.rint(hu + noise), -32768, 32767).astype(np.int16)
+    vol = re_spacing_ITK.resample_array(vol, (sz, sxy, sxy))
+    start = [(n - s) // 2 for n, s in zip(vol.shape, shape_zyx)]
+    return vol[tuple(slice(a, a + s) for a, s in zip(start, shape_zyx))]
 
 
-def write_files(folder, n, shape_dhw):
-    paths = {"nii.gz": [], "nii": [], "npy": []}
-    for k in range(n):
-        zyx = ct_like(shape_dhw, k)
-        xyz = zyx.transpose(2, 1, 0)  # nibabel's order, Fortran-contiguous as the pipeline stores it
-        for fmt in paths:
-            p = os.path.join(folder, f"vol{k}_dep0.{fmt}")
-            if fmt == "npy":
-                np.save(p, xyz)
-            else:
-                nib.save(nib.Nifti1Image(xyz, np.eye(4)), p)  # gzip level 1 (nibabel's default)
-            paths[fmt].append(p)
-    return paths
-
-
-def per_sample(fn, items, repeats):
-    """Median over repeats of the mean seconds per item."""
-    fn(items[0])  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for it in items:
-            fn(it)
-        times.append((time.perf_counter() - t) / len(items))
-    return statistics.median(times)
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} thread)"
+def interleaved(fns: dict, items, rounds: int) -> dict[str, float]:
+    """Median over rounds of the mean seconds per item of every fn, the fns taking turns
+    within each round (one warm-up pass first)."""
+    times = {k: [] for k in fns}
+    for r in range(rounds + 1):
+        for k in (list(fns) if r % 2 else list(fns)[::-1]):
+            t = time.perf_counter()
+            for it in items:
+                fns[k](it)
+            if r:
+                times[k].append((time.perf_counter() - t) / len(items))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_files(tmp, args.files, args.shape)
-
-        views = dl.make_views(dl.load_subvolume(paths["npy"][0]), rng)
-        def augment_on_cpu(_):
-            return [dl.augment_view_numpy(v[0].numpy(), dl.VIEW_INTENSITY_PARAMS[k], rng) for k, v in enumerate(views)]
-
-        cpu_aug = per_sample(augment_on_cpu, range(args.files), args.repeats)
-        batch = [torch.stack([v] * args.batch) for v in views]
-        aug = dl.BatchIntensityAugment()
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            dev_aug = per_sample(lambda _: aug(batch, gen), range(2), max(3, args.repeats // 2)) / args.batch
-
-        def run(fmt, label):
-            files = paths[fmt]
-            read = per_sample(dl.load_subvolume, files, args.repeats)
-            arrays = {p: np.array(dl.load_subvolume(p)) for p in files}  # in memory, same layout
-            crop = per_sample(lambda p: dl.make_views(arrays[p], rng), files, args.repeats)
-            cpu_part = per_sample(lambda p: dl.make_views(dl.load_subvolume(p), rng), files, args.repeats)
-            rows.append((label, read, crop, cpu_part, cpu_aug, dev_aug))
-
-        for fmt in ("nii.gz", "nii", "npy"):
-            run(fmt, fmt)
-        saved = dl._igzip
-        dl._igzip = None
+        tiles = [ct_tile(k) for k in range(args.files)]
+        paths = {fmt: [] for fmt in FORMATS}
+        for k, tile in enumerate(tiles):
+            for fmt in FORMATS:
+                paths[fmt].append(os.path.join(tmp, f"v{k}_dep0.{fmt}"))
+                splitting_to_patches.write_tile(tile, paths[fmt][-1], fmt)
+        size = {fmt: statistics.mean(os.path.getsize(p) for p in ps) for fmt, ps in paths.items()}
+        idx = range(args.files)
+        read = interleaved({f: (lambda i, f=f: dl.load_subvolume(paths[f][i])) for f in FORMATS},
+                           idx, args.rounds)
+        worker = interleaved({f: (lambda i, f=f: dl.make_views(dl.open_subvolume(paths[f][i]), rng))
+                              for f in FORMATS}, idx, args.rounds)
+        saved, dl._igzip = dl._igzip, None
         try:
-            run("nii.gz", "nii.gz (zlib)")
+            zlib_worker = interleaved({"zlib": lambda i: dl.make_views(
+                dl.open_subvolume(paths["nii.gz"][i]), rng)}, idx, args.rounds)["zlib"]
         finally:
             dl._igzip = saved
-        published = per_sample(lambda p: nib.load(p).get_fdata(), paths["nii.gz"], args.repeats)
+        published = interleaved({"p": lambda i: nib.load(paths["nii.gz"][i]).get_fdata()}, idx,
+                                args.rounds)["p"]
+        views = dl.make_views(tiles[0].transpose(2, 1, 0), rng)
+        cpu_aug = interleaved({"a": lambda i: [dl.augment_view_numpy(
+            v[0].numpy(), dl.VIEW_INTENSITY_PARAMS[k], rng) for k, v in enumerate(views)]},
+            idx, args.rounds)["a"]
+        batch = [torch.stack([v] * args.batch) for v in views]
+        aug, gen = dl.BatchIntensityAugment(), torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            dev_aug = interleaved({"d": lambda i: aug(batch, gen)}, range(2),
+                                  max(3, args.rounds // 2))["d"] / args.batch
+        layout_rows = []
+        if args.layouts:
+            lpaths = {}
+            for n, (label, kw) in enumerate(LAYOUTS):
+                lpaths[label] = [os.path.join(tmp, f"l{n}_{k}.b2nd") for k in idx]
+                t0 = time.perf_counter()
+                for tile, p in zip(tiles, lpaths[label]):
+                    volume_io.write_b2nd(tile.transpose(2, 1, 0), p, **kw)
+                write_ms = (time.perf_counter() - t0) / args.files * 1e3
+                layout_rows.append([label, statistics.mean(map(os.path.getsize, lpaths[label])),
+                                    write_ms])
+            lt = interleaved({lb: (lambda i, lb=lb: dl.make_views(dl.open_subvolume(lpaths[lb][i]), rng))
+                              for lb, _ in LAYOUTS}, idx, args.rounds)
+            for row in layout_rows:
+                row.append(lt[row[0]])
 
-    targets = {"nii.gz": 60, "nii": 400, "npy": 400}
-    print(f"machine: {machine()}")
+    print(f"machine: {utils.machine_description()}; torch threads {torch.get_num_threads()}; "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     cli = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"command: python benchmarks/{os.path.basename(__file__)} {cli}".rstrip())
-    print(f"{args.files} files of {args.shape[0]}x{args.shape[1]}x{args.shape[2]} int16 per format, "
-          f"medians of {args.repeats} passes; 2 global views (16x96x96) per sample; ms per sample")
-    head = ("format", "read", "crop/flip/resize", "CPU part", "CPU part /s", "target /s",
-            "CPU aug", "with CPU aug /s", "device aug (B=32)")
+    print(f"{args.files} CT-like 24x288x288 int16 sub-volumes per format, medians of {args.rounds} "
+          f"interleaved rounds; 2 global views (16x96x96) per sample; ms per sample")
+    head = ("format", "MB per sub-volume", "vs nii.gz", "read", "worker", "worker samples/s",
+            "vs npy", "+ CPU aug samples/s")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
-    for label, read, crop, cpu_part, caug, daug in rows:
-        tgt = targets.get(label)
-        print(f"| {label} | {read * 1e3:.2f} | {crop * 1e3:.2f} | {cpu_part * 1e3:.2f} | {1 / cpu_part:.0f} | "
-              f"{tgt if tgt else '-'} | {caug * 1e3:.2f} | {1 / (cpu_part + caug):.0f} | {daug * 1e3:.2f} |")
-    print("read: load_subvolume (.nii/.npy: memory map, pages are read by the crop); crop/flip/resize: "
-          "make_views on an in-memory array; CPU part: both end to end, what a worker does with "
-          "--augment_on device")
-    print(f"published read (nibabel get_fdata, float64) of .nii.gz: {published * 1e3:.2f} ms per sample")
+    for fmt in FORMATS:
+        print(f"| {fmt} | {size[fmt] / 1e6:.2f} | {size[fmt] / size['nii.gz']:.2f}x | "
+              f"{read[fmt] * 1e3:.2f} | {worker[fmt] * 1e3:.2f} | {1 / worker[fmt]:.0f} | "
+              f"{worker['npy'] / worker[fmt]:.2f} | {1 / (worker[fmt] + cpu_aug):.0f} |")
+    print(f"| nii.gz (zlib, no isal) | {size['nii.gz'] / 1e6:.2f} | 1.00x | - | {zlib_worker * 1e3:.2f} | "
+          f"{1 / zlib_worker:.0f} | {worker['npy'] / zlib_worker:.2f} | {1 / (zlib_worker + cpu_aug):.0f} |")
+    print(f"b2nd: {1 / worker['b2nd']:.0f}/s = {worker['nii.gz'] / worker['b2nd']:.1f}x nii.gz and "
+          f"{worker['npy'] / worker['b2nd']:.2f}x npy per worker, at "
+          f"{size['b2nd'] / size['nii.gz']:.2f}x the nii.gz bytes")
+    print(f"CPU intensity aug {cpu_aug * 1e3:.2f} ms per sample; device aug (B={args.batch}, this "
+          f"CPU) {dev_aug * 1e3:.2f} ms per sample; published read (nibabel get_fdata, float64) "
+          f"of .nii.gz {published * 1e3:.2f} ms")
+    if layout_rows:
+        print("\n.b2nd layouts (full-depth chunks and blocks):")
+        print("| layout | bytes vs nii.gz | write ms | worker ms | worker samples/s |")
+        print("|---|---|---|---|---|")
+        for label, nbytes, write_ms, t in layout_rows:
+            print(f"| {label} | {nbytes / size['nii.gz']:.3f} | {write_ms:.0f} | {t * 1e3:.2f} | "
+                  f"{1 / t:.0f} |")
 
 
 if __name__ == "__main__":

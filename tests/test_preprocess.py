@@ -354,6 +354,8 @@ def test_formats_give_identical_voxels_and_list_file(tmp_path, depth):
             path = tmp_path / line
             if fmt == "npy":
                 vox = np.load(path)
+            elif fmt == "b2nd":
+                vox = volume_io.B2ndVolume(path).read()
             else:
                 img = nib.load(path)
                 assert img.header["datatype"] == 4 and img.header["sizeof_hdr"] == 348
