@@ -126,8 +126,8 @@ def add_batch_args(parser, compression=False):
     --overwrite and, for stages that write gzip, --compression_level."""
     parser.add_argument("--num_workers", "--workers", type=int_at_least(1),
                         default=default_workers(),
-                        help="Worker processes (default: all cores); 1 runs in this process. "
-                             "Each worker holds one volume at a time.")
+                        help="Worker processes, each holding one volume at a time (default: "
+                             "this machine's cores); 1 runs everything in this process.")
     parser.add_argument("--overwrite", default=False, **BOOL,
                         help="Redo outputs that already exist instead of skipping them.")
     if compression:

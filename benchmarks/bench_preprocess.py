@@ -18,7 +18,8 @@ import sys
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="Timed repeats; medians are reported.")
     p.add_argument("--size", type=int, default=512, help="In-plane pixels of the phantom.")
     p.add_argument("--slices", type=int, default=60, help="Slices of the phantom.")
