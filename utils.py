@@ -338,6 +338,34 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def view_retrieval(emb_a: torch.Tensor, emb_b: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Label-free learning signal: row i of `emb_a` and of `emb_b` ([N, C]) embed two views
+    of sample i; for each of the 2N embeddings, where does its partner rank among the other
+    2N - 1 by cosine similarity? Returns `top{k}` (the fraction with the partner among the k
+    nearest) and its chance level `chance{k}` = k / (2N - 1). Ties count in expectation: a
+    partner tied with t others is in the top k with probability (k - g) / (t + 1), g being
+    the number strictly closer, so a constant embedding scores chance, not 1."""
+    if emb_a.shape != emb_b.shape or emb_a.ndim != 2 or len(emb_a) < 2:
+        raise ValueError(f"need two [N, C] tensors of one shape with N >= 2, got "
+                         f"{tuple(emb_a.shape)} and {tuple(emb_b.shape)}")
+    n = len(emb_a)
+    e = torch.nn.functional.normalize(torch.cat([emb_a, emb_b]).double(), dim=1)
+    sim = e @ e.T
+    idx = torch.arange(2 * n)
+    partner = (idx + n) % (2 * n)
+    others = torch.ones_like(sim, dtype=torch.bool)
+    others[idx, idx] = others[idx, partner] = False
+    s_p = sim[idx, partner].unsqueeze(1)
+    tol = 1e-9  # cosines of equal vectors can differ in the last bits
+    closer = ((sim > s_p + tol) & others).sum(1).double()
+    tied = (((sim - s_p).abs() <= tol) & others).sum(1).double()
+    out = {}
+    for k in ks:
+        out[f"top{k}"] = float(((k - closer) / (tied + 1)).clamp(0, 1).mean())
+        out[f"chance{k}"] = min(1.0, k / (2 * n - 1))
+    return out
+
+
 def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
     """DINO's collapse signatures: a uniform or a one-hot teacher, a student equal to it."""
     warns = []

@@ -182,3 +182,29 @@ def test_full_disk_during_a_checkpoint_save_is_named(tmp_path):
     assert str(tmp_path / "checkpoint.pth") in proc.stdout and "disk" in proc.stdout
     assert read_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
     assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_view_retrieval_known_answers():
+    torch.manual_seed(0)
+    a = torch.randn(50, 16)
+    # identical views: every partner is the nearest (cosine 1, others below)
+    r = utils.view_retrieval(a, a.clone())
+    assert r["top1"] == 1.0 and r["top5"] == 1.0
+    assert r["chance1"] == pytest.approx(1 / 99) and r["chance5"] == pytest.approx(5 / 99)
+    # a constant embedding: every other view ties with the partner: exactly chance
+    c = torch.ones(50, 16)
+    r = utils.view_retrieval(c, c.clone())
+    assert r["top1"] == pytest.approx(1 / 99) and r["top5"] == pytest.approx(5 / 99)
+    # unrelated noise: about chance (mean over draws within a few standard errors)
+    top1 = [utils.view_retrieval(torch.randn(200, 32), torch.randn(200, 32))["top1"]
+            for _ in range(20)]
+    assert abs(np.mean(top1) - 1 / 399) < 0.003
+    # by hand, cosines: a0.b0 0.994, a0.a1 0.8, a0.b1 0; a1.b1 0.6, a1.b0 0.861;
+    # b0.b1 0.110. Partners ranked first: a0 (b0), b0 (a0), b1 (a1: 0.6 > 0.110 > 0);
+    # a1's partner b1 (0.6) comes third, after b0 and a0: top1 = top2 = 3/4
+    a = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    b = torch.tensor([[0.9, 0.1], [0.0, 1.0]])
+    r = utils.view_retrieval(a, b, ks=(1, 2))
+    assert r["top1"] == pytest.approx(3 / 4) and r["top2"] == pytest.approx(3 / 4)
+    with pytest.raises(ValueError):
+        utils.view_retrieval(a, b[:1])
