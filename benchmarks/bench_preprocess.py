@@ -130,7 +130,7 @@ def main(argv=None):
         rows = {}
         stages = [("1 PNG -> NIfTI", stage1), ("2 resample (ours, script)", stage2),
                   ("3 split, nii.gz", stage3("nii.gz")), ("3 split, nii", stage3("nii")),
-                  ("3 split, npy", stage3("npy"))]
+                  ("3 split, npy", stage3("npy")), ("3 split, b2nd", stage3("b2nd"))]
         for label, fn in stages:
             rows[label] = (float(np.median([timed(fn) for _ in range(args.repeats)])), peak_mb(fn))
         compute = float(np.median([ours_compute() for _ in range(args.repeats)]))
