@@ -62,6 +62,7 @@ __all__ = [
     "augment_view_numpy",
     "blur_slices",
     "BatchIntensityAugment",
+    "retrieval_pairs",
     "DeepLesionSSL",
 ]
 
@@ -495,6 +496,30 @@ class BatchIntensityAugment:
         y.sub_(y_mn).div_(y_sd + STD_EPS).mul_(sd).add_(mn)
         x = torch.where(apply, y, x)
         return x.reshape(shape)
+
+
+# --------------------------------------------------------------------------- view retrieval
+
+def retrieval_pairs(paths: Sequence[str], crop_size: Sequence[int] = (16, 96, 96), seed: int = 0,
+                    per_slice: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views of every sub-volume for the view-retrieval signal (`utils.view_retrieval`):
+    one global view made as in training (base crop, crop, flips, resize) and two
+    independent draws of the training's intensity augmentation on it (the view-1 and
+    view-2 parameters). Deterministic: sample i draws from ``default_rng([seed, i])``.
+    Returns two float32 tensors ``[N, 1, D, H, W]``.
+
+    The same crop for both, because what a short pre-training learns first is invariance
+    to the intensity augmentation: with the trainer's two differently cropped and flipped
+    views, random and trained encoders both sit near chance after a few hundred steps.
+    """
+    out_a, out_b = [], []
+    for i, path in enumerate(paths):
+        rng = np.random.default_rng([seed, i])
+        view = make_views(open_subvolume(path), rng, crop_size, crop_size, 0)[0][0].numpy()
+        for k, out in enumerate((out_a, out_b)):
+            out.append(torch.from_numpy(augment_view_numpy(view, VIEW_INTENSITY_PARAMS[k], rng,
+                                                           per_slice))[None])
+    return torch.stack(out_a), torch.stack(out_b)
 
 
 # --------------------------------------------------------------------------- dataset

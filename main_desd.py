@@ -29,7 +29,7 @@ from torch import nn
 
 import utils
 import volume_io
-from data_loader_ssl import BatchIntensityAugment, DeepLesionSSL
+from data_loader_ssl import BatchIntensityAugment, DeepLesionSSL, retrieval_pairs
 from models import ARCHS, DINOHead, ResNet3D, build_backbone, save_backbone
 from volume_io import BOOL, float_in, int_at_least
 
@@ -158,6 +158,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes per GPU (published: 10).")
     g.add_argument("--max_iters_per_epoch", default=0, type=int_at_least(0),
                    help="Cap on iterations per epoch (0: the whole data set); for smoke tests.")
+    g.add_argument("--retrieval_list", default="", type=str,
+                   help="List of held-out sub-volumes (found like --list_path): the teacher's "
+                        "view retrieval per stage is logged every epoch, a label-free sign that "
+                        "the run learns (the initial teacher's is printed first). Empty: off.")
+    g.add_argument("--retrieval_n", default=64, type=int_at_least(2),
+                   help="Held-out sub-volumes used for the view retrieval (the first N listed).")
 
     g = p.add_argument_group("speed")
     g.add_argument("--channels_last", default=False, **BOOL,
@@ -176,11 +182,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_timeout", default=30.0, type=positive,
                    help="Minutes a collective may wait for the other processes before failing.")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                   help="Accepted for old launchers and ignored: LOCAL_RANK is read from the "
-                        "environment.")
+                   help="Accepted for old launchers and ignored (LOCAL_RANK is read).")
     g.add_argument("--tensorboard", default=False, **BOOL,
-                   help="Also write TensorBoard scalars to <output_dir>/tb (needs the "
-                        "tensorboard package).")
+                   help="Also write TensorBoard scalars to <output_dir>/tb (pip install tensorboard).")
     return p
 
 
@@ -393,10 +397,8 @@ def build_loss(args) -> DeSDLoss:
 def build_loader(args, rank: int, world: int, device: torch.device):
     """(dataset, sampler, loader, iterations per epoch). The list file is `--list_path`,
     relative to `--data_path` unless absolute; its entries are relative to its folder."""
-    list_path = Path(args.list_path)
-    if not list_path.is_absolute():
-        list_path = Path(args.data_path) / list_path
-    dataset = DeepLesionSSL(list_path, global_crop_size=tuple(args.global_crop_size),
+    dataset = DeepLesionSSL(Path(args.data_path) / args.list_path,  # an absolute one stays
+                            global_crop_size=tuple(args.global_crop_size),
                             local_crop_size=tuple(args.local_crop_size),
                             local_crops_number=args.local_crops_number,
                             augment_on=args.augment_on, per_slice=not args.aug_per_volume,
@@ -445,14 +447,6 @@ def build_schedules(args, niter: int, world: int) -> Schedules:
 
 # ============================================================================ checkpoints
 
-def _prefixed(state: dict) -> dict:
-    return {"module." + k: v for k, v in state.items()}
-
-
-def _unprefixed(state: dict) -> dict:
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def resume(path: Path, nets: Nets, optimizer, loss_fn: DeSDLoss, scaler, rank: int,
            world: int) -> tuple[int, list[dict]]:
     """Load `path` (or its `_prev` copy) into everything; returns (next epoch, the log rows
@@ -464,8 +458,8 @@ def resume(path: Path, nets: Nets, optimizer, loss_fn: DeSDLoss, scaler, rank: i
         widths = {nets.student.backbone.stage_channels[k - 1]: k for k in nets.student.deep_stages}
         for note in utils.adapt_published_checkpoint(ckpt, widths, optimizer):
             utils.print_rank0(f"resume: {note}")
-    nets.student.load_state_dict(_unprefixed(ckpt["student"]))
-    nets.teacher.load_state_dict(_unprefixed(ckpt["teacher"]))
+    for net, key in ((nets.student, "student"), (nets.teacher, "teacher")):
+        net.load_state_dict({k.removeprefix("module."): v for k, v in ckpt[key].items()})
     if "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
     loss_fn.load_state_dict(ckpt["desd_loss"])
@@ -610,6 +604,14 @@ def train(args) -> None:
                       f"{sum(p.numel() for p in nets.student.parameters()) / 1e6:.1f}M parameters, "
                       f"heads on stages {nets.student.deep_stages + [NUM_STAGES]}")
 
+    retrieval = None
+    if args.retrieval_list and rank == 0:  # a label-free learning signal, on rank 0
+        held_out = volume_io.read_list_file(Path(args.data_path) / args.retrieval_list)
+        retrieval = retrieval_pairs(held_out[:args.retrieval_n], args.global_crop_size,
+                                    args.seed, per_slice=not args.aug_per_volume)
+        print("view retrieval of the initial teacher:", utils.retrieval_by_stage(
+            nets.teacher.backbone, retrieval, device), flush=True)
+
     # ------------------------------------------------------------------ loss, optimiser, schedules
     loss_fn = build_loss(args).to(device)
     optimizer = build_optimizer(args, nets.student)
@@ -636,12 +638,14 @@ def train(args) -> None:
                "teacher_temp": float(loss_fn.teacher_temp_schedule[epoch]),
                "ln_out_dim": math.log(args.out_dim), "seconds": round(seconds, 2),
                "samples_per_s": round(niter * args.batch_size_per_gpu * world / seconds, 2)}
+        if retrieval is not None:
+            row |= utils.retrieval_by_stage(nets.teacher.backbone, retrieval, device)
         log.append(row)
-        save = {"student": _prefixed(nets.student.state_dict()),
-                "teacher": _prefixed(nets.teacher.state_dict()),
-                "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                "args": utils.plain(vars(args)), "desd_loss": loss_fn.state_dict(),
-                "rng": utils.gather_rng_states(), "log": log}
+        save = {net: {"module." + k: v for k, v in getattr(nets, net).state_dict().items()}
+                for net in ("student", "teacher")}  # names as in the released checkpoint
+        save |= {"optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "args": utils.plain(vars(args)), "desd_loss": loss_fn.state_dict(),
+                 "rng": utils.gather_rng_states(), "log": log}
         if step.scaler.is_enabled():
             save["fp16_scaler"] = step.scaler.state_dict()
         if run_log:

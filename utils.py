@@ -366,6 +366,29 @@ def view_retrieval(emb_a: torch.Tensor, emb_b: torch.Tensor, ks=(1, 5)) -> dict[
     return out
 
 
+@torch.no_grad()
+def retrieval_by_stage(backbone: nn.Module, pairs: tuple[torch.Tensor, torch.Tensor],
+                       device: torch.device, batch_size: int = 16, ks=(1, 5)) -> dict[str, float]:
+    """`view_retrieval` of the four pooled stage features of a frozen `ResNet3D` on the
+    view pairs of `data_loader_ssl.retrieval_pairs`: `retrieval_top{k}_stage{s}` and
+    `retrieval_chance{k}`."""
+    was_training = backbone.training
+    backbone.eval()
+    embeds = []
+    for views in pairs:
+        stages = [[] for _ in range(4)]
+        for start in range(0, len(views), batch_size):
+            for s, f in enumerate(backbone(views[start:start + batch_size].to(device))):
+                stages[s].append(f.float().cpu())  # host sync: once per batch, once per epoch
+        embeds.append([torch.cat(s) for s in stages])
+    backbone.train(was_training)
+    out = {}
+    for s in range(4):
+        r = view_retrieval(embeds[0][s], embeds[1][s], ks)
+        out |= {f"retrieval_top{k}_stage{s + 1}": r[f"top{k}"] for k in ks}
+    return out | {f"retrieval_chance{k}": r[f"chance{k}"] for k in ks}
+
+
 def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
     """DINO's collapse signatures: a uniform or a one-hot teacher, a student equal to it."""
     warns = []
@@ -496,14 +519,14 @@ def add_device_args(p) -> None:
                    help="CPU threads for PyTorch (0: PyTorch's default)")
 
 
-def check_patch_size(parser, arch: str, patch_size) -> None:
+def check_patch_size(parser, arch: str, patch_size, flag: str = "--patch_size") -> None:
     """parser.error unless a `patch_size` input keeps more than one voxel at stage 4."""
     from models import ResUNet3D
     try:
         with torch.device("meta"):  # shapes only
             ResUNet3D(arch).check_input_size(patch_size)
     except ValueError as e:
-        parser.error(f"--patch_size: {e}")
+        parser.error(f"{flag}: {e}")
 
 
 def setup_device(args) -> torch.device:

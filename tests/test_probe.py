@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import eval_probe
 import plot_log
+import volume_io
 from models import build_backbone
 
 CLASS_HU = (-800, -200, 300, 900)  # label c has intensity CLASS_HU[c]: trivially separable
@@ -67,8 +68,7 @@ def _probe_args(data_dir, out_dir, *extra):
 
 
 def _numbers(results):
-    return [st[c] for ck in results["checkpoints"] for st in ck["stages"]
-            for c in results["columns"][2:]]
+    return [st[c] for r in results["runs"] for st in r["stages"] for c in results["columns"][4:]]
 
 
 # ----------------------------------------------------------------------------- k-NN, labels
@@ -85,13 +85,24 @@ def test_knn_identical_features_accuracy_one():
     assert pred.shape == (1,)
 
 
-def test_dominant_label():
+def test_centre_label():
     labels = np.zeros((3, 4, 10, 10), np.uint8)
-    labels[0, :, :2] = 2                  # 20 % spleen
-    labels[0, :, 2:3] = 1                 # 10 % liver
-    labels[1, 0, 0, 0] = 3                # 0.25 % kidney: below min_fg
-    got = eval_probe.dominant_label(labels, 4, min_fg=0.01)
-    assert got.tolist() == [2, 0, 0]
+    labels[0, 2, 5, 5] = 2                # the centre voxel (4 // 2, 10 // 2, 10 // 2)
+    labels[1, :, :4] = 1                  # lots of liver, but not at the centre
+    labels[2, 1:3, 4:6, 4:6] = 3
+    assert eval_probe.centre_label(labels).tolist() == [2, 0, 3]
+
+
+def test_summary_spreads_and_comparison_by_hand():
+    runs = [{"name": g, "stages": [{"stage": s, "m": v + s} for s in (1, 2, 3, 4)]}
+            for g, v in (("random", 0.1), ("random", 0.3), ("DeSD", 0.9), ("DeSD", 0.9))]
+    summary = eval_probe.summarise(runs, ["m"])
+    assert summary["random"][1]["m"] == {"mean": pytest.approx(1.2), "std": pytest.approx(0.1),
+                                         "min": pytest.approx(1.1), "max": pytest.approx(1.3), "n": 2}
+    rows = eval_probe.compare(summary, ["m"])
+    assert [r["stage"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["difference"] == pytest.approx(0.7) and rows[0]["twice_spread"] == pytest.approx(0.2)
+    assert rows[0]["beyond"] and rows[0]["group"] == "DeSD" and rows[0]["baseline"] == "random"
 
 
 def test_sampled_training_equals_upsampled_logits():
@@ -115,26 +126,23 @@ def test_probe_separable_set_table_and_determinism(separable_set, res3d10_files,
     out = capsys.readouterr().out
 
     cols = ["dice_liver", "dice_spleen", "dice_kidney", "dice_mean", "knn_acc"]
-    assert first["columns"] == ["checkpoint", "stage", *cols]
-    assert [c["name"] for c in first["checkpoints"]] == ["rand", "bare"]
-    for ck in first["checkpoints"]:
-        assert [st["stage"] for st in ck["stages"]] == [1, 2, 3, 4]
-        for st in ck["stages"]:
+    assert first["columns"] == ["checkpoint", "path", "seed", "stage", *cols]
+    assert [r["name"] for r in first["runs"]] == ["rand", "bare"]
+    for r in first["runs"]:
+        assert [st["stage"] for st in r["stages"]] == [1, 2, 3, 4]
+        for st in r["stages"]:
             assert st["dice_mean"] == pytest.approx(np.mean([st[c] for c in cols[:3]]))
             assert 0 <= st["knn_acc"] <= 1
-    best = max(st["dice_mean"] for st in first["checkpoints"][0]["stages"])
-    assert best > 0.9, first["checkpoints"][0]["stages"]
+    best = max(st["dice_mean"] for st in first["runs"][0]["stages"])
+    assert best > 0.9, first["runs"][0]["stages"]
+    assert first["summary"]["rand"][2]["dice_mean"]["mean"] == first["runs"][0]["stages"][1]["dice_mean"]
 
-    # The printed table: one group per checkpoint, a row per stage.
-    assert "rand" in out and "bare" in out and "kNN" in out
-    table_rows = [ln for ln in out.splitlines() if ln.split("|")[0].strip() in ("1", "2", "3", "4")
-                  and ln.count("|") == 2]
-    assert len(table_rows) == 4
+    # The printed tables: a row per group, a column per stage, and the comparison
+    assert "| rand (n=1) |" in out and "| bare (n=1) |" in out and "bare vs rand" in out
     with open(tmp_path / "a" / "probe_results.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == first["columns"] and len(rows) == 8
-    assert float(rows[0]["dice_mean"]) == pytest.approx(first["checkpoints"][0]["stages"][0]
-                                                         ["dice_mean"])
+    assert float(rows[0]["dice_mean"]) == pytest.approx(first["runs"][0]["stages"][0]["dice_mean"])
     saved = json.loads((tmp_path / "a" / "probe_results.json").read_text())
     assert _numbers(saved) == pytest.approx(_numbers(first))
     assert (tmp_path / "a" / "probe_results.png").stat().st_size > 0  # .ci/run installs matplotlib
@@ -143,6 +151,34 @@ def test_probe_separable_set_table_and_determinism(separable_set, res3d10_files,
     second = eval_probe.run(eval_probe.parse_args(_probe_args(separable_set, tmp_path / "b",
                                                               "random")))
     assert _numbers(second) == _numbers(first)[:4 * 5]
+
+
+def test_retrieval_augment_and_seeds(separable_set, res3d10_files, tmp_path):
+    """Grouped checkpoints, two probe seeds, augmented patches and the view retrieval on a
+    held-out list: every column filled, spreads over checkpoints x seeds."""
+    ckpt, bare = res3d10_files
+    held = tmp_path / "held"
+    held.mkdir()
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(5):
+        files.append(held / f"h{k}_dep0.npy")
+        np.save(files[-1], rng.integers(-1000, 1000, (40, 40, 16)).astype(np.int16))
+    volume_io.write_list_file(held / "list.txt", files)
+    res = eval_probe.run(eval_probe.parse_args(_probe_args(
+        separable_set, tmp_path / "r", "random", str(ckpt), str(bare), "--names", "random",
+        "trained", "trained", "--probe_seeds", "0", "1", "--augment", "--retrieval_list",
+        str(held / "list.txt"), "--retrieval_crop", "16", "48", "48", "--epochs", "2")))
+    assert [(r["name"], r["seed"]) for r in res["runs"]] == [
+        ("random", 0), ("random", 1), ("trained", 0), ("trained", 1), ("trained", 0), ("trained", 1)]
+    assert res["summary"]["trained"][1]["retrieval_top1"]["n"] == 4
+    assert res["retrieval_chance"] == {"top1": pytest.approx(1 / 9), "top5": pytest.approx(5 / 9)}
+    for r in res["runs"]:
+        for st in r["stages"]:
+            assert 0 <= st["retrieval_top1"] <= st["retrieval_top5"] <= 1
+    # the same weights (checkpoint and its .safetensors) give the same numbers
+    assert res["runs"][2]["stages"] == res["runs"][4]["stages"]
+    assert res["summary_metrics"] == ["retrieval_top1", "retrieval_top5", "dice_mean", "knn_acc"]
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -1,8 +1,9 @@
 """Frozen-encoder probes on every stage: what pre-training bought, stage by stage.
 
-    # random initialisation vs two pre-training runs, on the synthetic organ phantoms (CPU, ~1 min)
+    # random init vs DINO vs DeSD, 3 seeds, with the label-free view retrieval (CPU, minutes)
     python tools/eval_probe.py random runs/dino/checkpoint.pth runs/desd/checkpoint.pth \
-        --names random DINO DeSD --arch res3d10 --output_dir probe_output
+        --names random DINO DeSD --arch res3d10 --probe_seeds 0 1 2 \
+        --retrieval_list heldout/SSL_data_deeplesion.txt --output_dir probe_output
     # the released teacher (or any .safetensors backbone) on an MSD task, on a GPU
     python tools/eval_probe.py DeSD_Res50.pth --arch res3d50 --data_dir Task09_Spleen \
         --patch_size 64 128 128 --patches_per_case 32 --epochs 100 --output_dir probe_spleen
@@ -10,32 +11,39 @@
 DeSD's claim is that distilling into every stage makes the shallow stages better, not only
 the last one; these probes measure it without fine-tuning anything. Each CHECKPOINT is
 main_desd.py's `checkpoint.pth` (its teacher), a backbone `.safetensors`
-(tools/export_backbone.py), the released DeSD checkpoint, or the word `random` (a seeded random
-initialisation, the baseline). The encoder is frozen (eval mode, `torch.no_grad()`, bf16
-autocast on CUDA); each stage's feature map is extracted once, in batches, on fixed
-patches (`--patches_per_case` per case, most of them centred on an organ voxel,
-deterministic for `--seed`), and per stage two probes are trained on the cached features:
+(tools/export_backbone.py), the released DeSD checkpoint, or the word `random` (a seeded
+random initialisation, the baseline). Checkpoints given the same `--names` form one group
+(e.g. three pre-training seeds). The encoder is frozen (eval mode, `torch.no_grad()`,
+bf16 autocast on CUDA). Per stage:
 
-- linear: a 1x1x1 convolution on the stage map (channels standardised with the training
-  features' statistics), its logits upsampled trilinearly to the label grid, trained with
-  cross-entropy (Adam, `--epochs` passes over `--probe_voxels` voxels drawn from the
-  training patches: the two maps are linear, so the upsampled features at those voxels
-  give exactly the model's logits there); Dice per foreground class and their mean on the
-  held-out cases' patches, predicted on full maps (voxel counts pooled over patches);
+- linear probe: a 1x1x1 convolution on the stage map (channels standardised with the
+  training features' statistics), its logits upsampled trilinearly to the label grid,
+  trained with cross-entropy (Adam, `--epochs` passes over `--probe_voxels` voxels drawn
+  from the training patches: both maps are linear, so the upsampled features at those
+  voxels give exactly the model's logits there); Dice per foreground class and their
+  mean on the held-out cases' patches (voxel counts pooled over patches). Patches are
+  fixed for `--seed` (`--patches_per_case` per case, most centred on an organ voxel);
+  with `--augment` they first go through the pre-training's intensity augmentation, so
+  the probe must read the organs through it;
 - k-NN: the stage map averaged over space, cosine similarity, the k nearest training
-  patches vote with weights exp(similarity / T) as in DINO's k-NN evaluation; the label of
-  a patch is its dominant organ (the most frequent foreground class, or background when
-  foreground covers less than `--knn_min_fg` of it); accuracy on the held-out patches.
+  patches vote with weights exp(similarity / T) as in DINO's k-NN evaluation; a patch's
+  label is that of its centre voxel; accuracy on the held-out patches;
+- view retrieval (with `--retrieval_list`, label-free): two views of each held-out
+  sub-volume (`data_loader_ssl.retrieval_pairs`), top-1/top-5 of finding each view's
+  partner among all 2N by the pooled stage features (`utils.view_retrieval`).
 
-The last `--val_fraction` of the cases (sorted by name) is held out, as in
-finetune_example.py. Data are prepared as for fine-tuning (resampled to `--spacing` mm, HU
-clipped to [-1024, 1024] / 1024) and cached under `OUTPUT_DIR/preprocessed/`.
+Every measurement is repeated for each of `--probe_seeds` (the random init, the probe's
+initialisation and voxel sample, the augmentation draws and the retrieval views change
+with it). The spread of a group is the standard deviation over its checkpoints and
+seeds; every group is compared with the first one: difference of the means and whether
+it exceeds twice the larger spread. The last `--val_fraction` of the cases (sorted by
+name) is held out, as in finetune_example.py; data are prepared as for fine-tuning and
+cached under `OUTPUT_DIR/preprocessed/`.
 
-Output: one table on stdout (rows: stages 1-4; per checkpoint a column group: Dice of each
-class, mean Dice, k-NN accuracy), and in OUTPUT_DIR `probe_results.csv` (one row per
-checkpoint and stage: `checkpoint, stage, dice_<class>..., dice_mean, knn_acc`),
-`probe_results.json` (the same plus the settings; what `run()` returns) and
-`probe_results.png` (bar charts; skipped with a notice when matplotlib is not installed).
+Output: the tables on stdout (mean ± std per group and stage; the comparisons), and in
+OUTPUT_DIR `probe_results.csv` (one row per checkpoint, seed and stage),
+`probe_results.json` (everything, with the summary and the settings; what `run()`
+returns) and `probe_results.png` (bars with spreads).
 """
 from __future__ import annotations
 
@@ -58,10 +66,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 import utils  # noqa: E402
 import volume_io  # noqa: E402
+from data_loader_ssl import VIEW_INTENSITY_PARAMS, BatchIntensityAugment, retrieval_pairs  # noqa: E402
 from models import (ARCHS, HU_MIN, build_backbone, declared_arch,  # noqa: E402
                     extract_backbone_state, hu_to_input, infer_arch, load_pretrained_encoder,
                     load_safetensors, read_checkpoint)
-from volume_io import float_in, int_at_least  # noqa: E402
+from volume_io import BOOL, float_in, int_at_least  # noqa: E402
 
 NUM_STAGES = 4
 RANDOM = "random"
@@ -137,28 +146,30 @@ def sample_patches(cases: Sequence, patch_size: Sequence[int], per_case: int,
     return np.stack(images), np.stack(labels)
 
 
-def dominant_label(labels: np.ndarray, num_classes: int, min_fg: float = 0.01) -> np.ndarray:
-    """Per patch (`labels`: N x D x H x W): the most frequent foreground class, or 0 when
-    foreground covers less than `min_fg` of the patch (every patch is mostly background,
-    so a plain majority vote would call them all background)."""
-    flat = labels.reshape(len(labels), -1).astype(np.int64)
-    counts = np.stack([np.bincount(row, minlength=num_classes)[:num_classes] for row in flat])
-    fg = counts[:, 1:]
-    label = fg.argmax(1) + 1
-    label[fg.sum(1) < min_fg * flat.shape[1]] = 0
-    return label
+def centre_label(labels: np.ndarray) -> np.ndarray:
+    """The label of every patch's centre voxel (`labels`: N x D x H x W)."""
+    return labels[(slice(None), *(n // 2 for n in labels.shape[1:]))].astype(np.int64)
+
+
+@torch.no_grad()
+def augment_inputs(inputs: torch.Tensor, seed: int) -> torch.Tensor:
+    """Network inputs [N x D x H x W] through the pre-training's intensity augmentation
+    (per depth slice, the view-1 parameters); deterministic for `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return BatchIntensityAugment().augment(inputs[:, None], VIEW_INTENSITY_PARAMS[0], gen)[:, 0]
 
 
 # ----------------------------------------------------------------------------- features
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int,
+def extract_features(encoder: nn.Module, inputs: torch.Tensor, batch_size: int,
                      device: torch.device) -> list[torch.Tensor]:
-    """The four stage maps of every patch (float32, CPU): [N x C_s x d_s x h_s x w_s]."""
+    """The four stage maps of every patch (network inputs [N x D x H x W]; float32, CPU):
+    [N x C_s x d_s x h_s x w_s]."""
     from tqdm import tqdm
     encoder.to(device)
     stages: list[list[torch.Tensor]] = [[] for _ in range(NUM_STAGES)]
-    for start in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
-        x = hu_to_input(torch.from_numpy(images[start:start + batch_size]))[:, None].to(device)
+    for start in tqdm(range(0, len(inputs), batch_size), desc="features", leave=False):
+        x = inputs[start:start + batch_size, None].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             maps = encoder.forward_features(x)
         for s, m in enumerate(maps):
@@ -297,32 +308,79 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(kept)) if kept else float("nan")
 
 
-# ----------------------------------------------------------------------------- outputs
-def result_columns(class_names: Sequence[str]) -> list[str]:
-    """The columns of the table for one checkpoint (and of the CSV after checkpoint, stage)."""
-    return [f"dice_{n}" for n in class_names[1:]] + ["dice_mean", "knn_acc"]
+# ----------------------------------------------------------------------------- summary
+SUMMARY_METRICS = ("retrieval_top1", "retrieval_top5", "dice_mean", "knn_acc")
 
 
-def format_table(results: dict) -> str:
-    """Rows: stages 1-4; one column group per checkpoint."""
-    cols = result_columns(results["class_names"])
-    short = [c.removeprefix("dice_") for c in cols[:-1]] + ["kNN"]
-    width = max(7, *(len(c) for c in short))
-    group_w = len(cols) * (width + 1) - 1
-    names = [c["name"] for c in results["checkpoints"]]
-    lines = ["stage | " + " | ".join(n[:group_w].center(group_w) for n in names),
-             "      | " + " | ".join(" ".join(c.rjust(width) for c in short) for _ in names)]
-    lines.append("-" * len(lines[1]))
-    for s in range(NUM_STAGES):
-        cells = [" ".join(f"{c['stages'][s][col]:{width}.3f}" for col in cols)
-                 for c in results["checkpoints"]]
-        lines.append(f"{s + 1:>5} | " + " | ".join(cells))
+def result_columns(class_names: Sequence[str], retrieval: bool) -> list[str]:
+    """The measured columns of one (checkpoint, seed, stage)."""
+    cols = [f"dice_{n}" for n in class_names[1:]] + ["dice_mean", "knn_acc"]
+    return cols + (["retrieval_top1", "retrieval_top5"] if retrieval else [])
+
+
+def summarise(runs: list[dict], metrics: Sequence[str]) -> dict:
+    """Per group name, stage and metric: mean, std (over the group's checkpoints and
+    seeds), min, max and n."""
+    out: dict = {}
+    for run in runs:
+        for st in run["stages"]:
+            for m in metrics:
+                out.setdefault(run["name"], {}).setdefault(st["stage"], {}).setdefault(m, []).append(st[m])
+    return {name: {stage: {m: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)),
+                               "min": float(np.nanmin(v)), "max": float(np.nanmax(v)), "n": len(v)}
+                           for m, v in by_m.items()} for stage, by_m in by_stage.items()}
+            for name, by_stage in out.items()}
+
+
+def compare(summary: dict, metrics: Sequence[str]) -> list[dict]:
+    """Every group against the first: difference of the means and whether it exceeds
+    twice the larger of the two spreads (std)."""
+    names = list(summary)
+    rows = []
+    for name in names[1:]:
+        for stage in summary[name]:
+            for m in metrics:
+                a, b = summary[name][stage][m], summary[names[0]][stage][m]
+                diff, bar = a["mean"] - b["mean"], 2 * max(a["std"], b["std"])
+                rows.append({"group": name, "baseline": names[0], "stage": stage, "metric": m,
+                             "difference": diff, "twice_spread": bar, "beyond": bool(diff > bar)})
+    return rows
+
+
+def format_tables(results: dict) -> str:
+    """One table per summary metric: rows the groups, columns the stages (mean ± std);
+    then the comparisons with the first group."""
+    lines = []
+    for m in results["summary_metrics"]:
+        lines += ["", f"{m} (mean ± std over checkpoints x {len(results['settings']['probe_seeds'])} "
+                      f"seeds; {_chance(results, m)})",
+                  "| group | " + " | ".join(f"stage {s}" for s in range(1, NUM_STAGES + 1)) + " |",
+                  "|---" * (NUM_STAGES + 1) + "|"]
+        for name, by_stage in results["summary"].items():
+            cells = [f"{by_stage[s][m]['mean']:.3f} ± {by_stage[s][m]['std']:.3f}"
+                     for s in range(1, NUM_STAGES + 1)]
+            lines.append(f"| {name} (n={by_stage[1][m]['n']}) | " + " | ".join(cells) + " |")
+    if results["comparisons"]:
+        lines += ["", "difference from the first group (beyond = more than twice the larger std)",
+                  "| group | metric | " + " | ".join(f"stage {s}" for s in range(1, NUM_STAGES + 1))
+                  + " |", "|---" * (NUM_STAGES + 2) + "|"]
+        rows: dict = {}
+        for c in results["comparisons"]:
+            rows.setdefault((c["group"], c["metric"]), {})[c["stage"]] = c
+        for (group, m), by_stage in rows.items():
+            cells = [f"{c['difference']:+.3f} ({'beyond' if c['beyond'] else 'within'} "
+                     f"{c['twice_spread']:.3f})" for c in (by_stage[s] for s in range(1, NUM_STAGES + 1))]
+            lines.append(f"| {group} vs {results['comparisons'][0]['baseline']} | {m} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def csv_rows(results: dict) -> list[dict]:
-    return [{"checkpoint": c["name"], **stage} for c in results["checkpoints"]
-            for stage in c["stages"]]
+def _chance(results: dict, metric: str) -> str:
+    if metric.startswith("retrieval_top"):
+        return f"chance {results['retrieval_chance'][metric.removeprefix('retrieval_')]:.3f}"
+    if metric == "knn_acc":
+        return f"chance {results['knn_chance']:.3f}"
+    return "Dice of the held-out patches"
 
 
 def _json_safe(obj):
@@ -339,10 +397,10 @@ def _json_safe(obj):
 def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     """probe_results.csv and .json (atomically), and the PNG when matplotlib is installed."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["checkpoint", "stage",
-                                              *result_columns(results["class_names"])])
+    writer = csv.DictWriter(text, fieldnames=results["columns"])
     writer.writeheader()
-    writer.writerows(csv_rows(results))
+    writer.writerows({"checkpoint": r["name"], "path": r["checkpoint"], "seed": r["seed"], **st}
+                     for r in results["runs"] for st in r["stages"])
     written = [out_dir / "probe_results.csv", out_dir / "probe_results.json"]
     volume_io.write_text(written[0], text.getvalue())
     volume_io.write_text(written[1], json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
@@ -351,8 +409,8 @@ def write_outputs(results: dict, out_dir: Path) -> list[Path]:
 
 
 def plot_results(results: dict, out: Path) -> Path | None:
-    """Grouped bars per stage: linear-probe mean Dice and k-NN accuracy, one colour per
-    checkpoint. Returns None (with a notice) when matplotlib is not installed."""
+    """Bars per stage with the spread as error bars, one colour per group, one panel per
+    summary metric. None (with a notice) when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -361,25 +419,25 @@ def plot_results(results: dict, out: Path) -> Path | None:
         print("matplotlib is not installed: probe_results.png skipped "
               "(pip install matplotlib to get it)")
         return None
-    ckpts = results["checkpoints"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(ckpts)
+    metrics, groups = results["summary_metrics"], list(results["summary"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    width = 0.8 / len(groups)
     stages = np.arange(1, NUM_STAGES + 1)
-    for ax, key, title in zip(axes, ("dice_mean", "knn_acc"),
-                              ("linear probe: mean Dice (held out)", "k-NN accuracy (held out)")):
-        for j, c in enumerate(ckpts):
-            values = [np.nan_to_num(st[key]) for st in c["stages"]]
-            ax.bar(stages + (j - (len(ckpts) - 1) / 2) * width, values, width, label=c["name"])
-        if key == "knn_acc":
-            ax.axhline(results["knn_chance"], color="grey", linestyle="--", linewidth=1,
-                       label="chance (commonest label)")
-            ax.legend(loc="lower right", fontsize=8)
+    for ax, m in zip(axes[0], metrics):
+        for j, g in enumerate(groups):
+            st = results["summary"][g]
+            ax.bar(stages + (j - (len(groups) - 1) / 2) * width, [st[s][m]["mean"] for s in stages],
+                   width, yerr=[st[s][m]["std"] for s in stages], capsize=3, label=g)
+        if m != "dice_mean":
+            ax.axhline(float(_chance(results, m).split()[-1]), color="grey", linestyle="--",
+                       linewidth=1, label="chance")
         ax.set_xticks(stages, [f"stage {s}" for s in stages])
         ax.set_ylim(0, 1)
-        ax.set_title(title)
+        ax.set_title(m.replace("_", " ") + (" (held-out views)" if m.startswith("retr") else ""))
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"frozen {results['settings']['arch']} probes per stage")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"frozen {results['settings']['arch']} per stage: mean ± std over checkpoints "
+                 f"and seeds")
     fig.tight_layout()
     with volume_io.atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=100)
@@ -395,8 +453,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "teacher), a backbone .safetensors, the released DeSD checkpoint, or "
                         "'random' for a seeded random initialisation")
     p.add_argument("--names", nargs="+", default=None, metavar="NAME",
-                   help="one column-group name per checkpoint (default: 'random', the run "
-                        "folder of a checkpoint.pth or *_backbone.safetensors, else the file name)")
+                   help="one group name per checkpoint; checkpoints with the same name form one "
+                        "group (e.g. pre-training seeds) summarised together (default: "
+                        "'random', the run folder of a checkpoint.pth or "
+                        "*_backbone.safetensors, else the file name)")
     p.add_argument("--which", default=None, choices=("teacher", "student"),
                    help="network of a trainer checkpoint to probe (default: the teacher, the "
                         "one DeSD evaluates)")
@@ -424,16 +484,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "keep it well below the number of training patches)")
     p.add_argument("--knn_temperature", default=0.07, type=float_in(0.0, low_open=True),
                    help="temperature of the k-NN vote weights exp(cos / T) (DINO: 0.07)")
-    p.add_argument("--knn_min_fg", default=0.01, type=float_in(0.0, 1.0),
-                   help="a patch whose foreground covers less than this fraction is labelled "
-                        "background for the k-NN probe")
+    p.add_argument("--probe_seeds", default=[0], type=int, nargs="+", metavar="SEED",
+                   help="repeat every measurement with these seeds (the random init, the "
+                        "probe's initialisation and voxel sample, the augmentation draws and the "
+                        "retrieval views change with them); spreads are taken over them")
+    p.add_argument("--augment", default=False, **BOOL,
+                   help="pass the probe patches through the pre-training's intensity "
+                        "augmentation (per depth slice), so that the probe must read the organs "
+                        "through it")
+    p.add_argument("--retrieval_list", default=None, type=str,
+                   help="list file of held-out unlabelled sub-volumes (splitting_to_patches.py's, "
+                        "none of them pre-trained on): adds the label-free view retrieval "
+                        "top-1/top-5 per stage")
+    p.add_argument("--retrieval_n", default=64, type=int_at_least(2),
+                   help="held-out sub-volumes used for the view retrieval (the first N listed)")
+    p.add_argument("--retrieval_crop", default=(16, 48, 48), type=int_at_least(1), nargs=3,
+                   metavar=("D", "H", "W"),
+                   help="view size of the retrieval (the pre-training's --global_crop_size)")
     p.add_argument("--batch_size", default=8, type=int_at_least(1),
                    help="patches per forward pass of the frozen encoder")
     p.add_argument("--output_dir", "--out_dir", default="probe_output", type=str,
                    help="where the synthetic set, the preprocessing cache and probe_results.* go")
     p.add_argument("--seed", default=0, type=int,
-                   help="seed of the synthetic set, the patches, the random encoder and the "
-                        "probes: the same seed gives the same numbers")
+                   help="seed of the synthetic set and the patches (fixed for every checkpoint "
+                        "and probe seed): the same seeds give the same numbers")
     volume_io.add_labelled_data_args(p, patch_size=(16, 48, 48), synthetic_size=96,
                                      fg_fraction=0.8)
     utils.add_device_args(p)
@@ -443,8 +517,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     """Probe every checkpoint of `args.checkpoints`; returns the results (also written)."""
     names = args.names or [default_name(c) for c in args.checkpoints]
-    if len(set(names)) != len(names):
-        names = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
     device = utils.setup_device(args)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -463,51 +535,69 @@ def run(args) -> dict:
     patches = {k: sample_patches(v, args.patch_size, args.patches_per_case, args.fg_fraction,
                                  args.seed + (k == "val"))
                for k, v in splits.items()}
+    inputs = {k: hu_to_input(torch.from_numpy(images)) for k, (images, _) in patches.items()}
     labels = {k: torch.from_numpy(seg.astype(np.int64)) for k, (_, seg) in patches.items()}
-    dominant = {k: torch.from_numpy(dominant_label(seg, num_classes, args.knn_min_fg))
-                for k, (_, seg) in patches.items()}
-    counts = np.bincount(dominant["val"].numpy(), minlength=num_classes)
-    chance = float(counts.max() / counts.sum())  # k-NN accuracy of always the commonest label
+    centre = {k: torch.from_numpy(centre_label(seg)) for k, (_, seg) in patches.items()}
+    counts = np.bincount(centre["val"].numpy(), minlength=num_classes)
+    knn_chance = float(counts.max() / counts.sum())  # always the commonest label
     print(f"{len(splits['train'])} training and {len(splits['val'])} held-out cases "
           f"({', '.join(c.name for c in splits['val'])}); {len(labels['train'])} + "
           f"{len(labels['val'])} patches of {tuple(args.patch_size)}; classes: "
-          f"{', '.join(class_names)}")
-    print("held-out patches by dominant organ: " + ", ".join(
-        f"{n} {c}" for n, c in zip(class_names, counts)) + f" (k-NN chance level {chance:.3f})")
+          f"{', '.join(class_names)}; held-out patch centres: " + ", ".join(
+              f"{n} {c}" for n, c in zip(class_names, counts)) + f" (k-NN chance {knn_chance:.3f})")
+    pairs = {}
+    if args.retrieval_list:
+        held_out = volume_io.read_list_file(args.retrieval_list)[:args.retrieval_n]
+        pairs = {s: retrieval_pairs(held_out, args.retrieval_crop, s) for s in args.probe_seeds}
+        print(f"view retrieval: {len(held_out)} held-out sub-volumes of {args.retrieval_list}")
 
     # ---------------------------------------------------------------- probes
-    cols = result_columns(class_names)
-    results = {"class_names": class_names, "columns": ["checkpoint", "stage", *cols],
-               "knn_chance": chance, "checkpoints": [], "settings": {
-                   k: (list(v) if isinstance(v, (tuple, list)) else v)
-                   for k, v in vars(args).items() if k not in ("device", "threads")}}
-    results["settings"].update(names=names, data_dir=str(data_dir))
-    results["settings"]["held_out"] = [c.name for c in splits["val"]]
+    runs = []
     for spec, name in zip(args.checkpoints, names):
         print(f"== {name}: {spec}")
-        t0 = time.time()
-        encoder = build_encoder(spec, args.arch, args.seed, args.which)
-        feats = {k: extract_features(encoder, images, args.batch_size, device)
-                 for k, (images, _) in patches.items()}
-        t1 = time.time()
-        stages = []
-        for s in range(NUM_STAGES):
-            probe = train_linear_probe(feats["train"][s], labels["train"], num_classes,
-                                       args.epochs, args.probe_batch_size, args.probe_lr,
-                                       args.probe_voxels, args.seed + s, device)
-            dice = linear_probe_dice(probe, feats["val"][s], labels["val"], num_classes,
-                                     args.batch_size, device)
-            pooled = {k: f[s].mean(dim=(2, 3, 4)) for k, f in feats.items()}
-            acc = knn_accuracy(pooled["train"], dominant["train"], pooled["val"], dominant["val"],
-                               args.knn_k, args.knn_temperature, num_classes)
-            values = [float(d) for d in dice] + [_nanmean(list(map(float, dice))), acc]
-            stages.append({"stage": s + 1, **dict(zip(cols, values))})
-        results["checkpoints"].append({"name": name, "checkpoint": spec, "stages": stages})
-        del feats
-        print(f"   features {t1 - t0:.1f} s, probes {time.time() - t1:.1f} s")
+        t0, feats = time.time(), None
+        for seed in args.probe_seeds:
+            encoder = build_encoder(spec, args.arch, seed, args.which)
+            if feats is None or spec == RANDOM or args.augment:  # else the same features
+                feats = {k: extract_features(encoder, augment_inputs(x, seed + (k == "val"))
+                                             if args.augment else x, args.batch_size, device)
+                         for k, x in inputs.items()}
+            stages = []
+            for s in range(NUM_STAGES):
+                probe = train_linear_probe(feats["train"][s], labels["train"], num_classes,
+                                           args.epochs, args.probe_batch_size, args.probe_lr,
+                                           args.probe_voxels, seed * 100 + s, device)
+                dice = linear_probe_dice(probe, feats["val"][s], labels["val"], num_classes,
+                                         args.batch_size, device)
+                pooled = {k: f[s].mean(dim=(2, 3, 4)) for k, f in feats.items()}
+                acc = knn_accuracy(pooled["train"], centre["train"], pooled["val"], centre["val"],
+                                   args.knn_k, args.knn_temperature, num_classes)
+                stages.append({"stage": s + 1, **{f"dice_{n}": float(d) for n, d in
+                                                  zip(class_names[1:], dice)},
+                               "dice_mean": _nanmean(list(map(float, dice))), "knn_acc": acc})
+            if pairs:
+                r = utils.retrieval_by_stage(encoder, pairs[seed], device, args.batch_size)
+                for st in stages:
+                    st |= {f"retrieval_top{k}": r[f"retrieval_top{k}_stage{st['stage']}"]
+                           for k in (1, 5)}
+            runs.append({"name": name, "checkpoint": spec, "seed": seed, "stages": stages})
+        print(f"   {len(args.probe_seeds)} seed(s) in {time.time() - t0:.1f} s")
 
     # ---------------------------------------------------------------- report
-    print(format_table(results))
+    metrics = [m for m in SUMMARY_METRICS if m in runs[0]["stages"][0]]
+    summary = summarise(runs, metrics)
+    results = {"class_names": class_names, "knn_chance": knn_chance,
+               "columns": ["checkpoint", "path", "seed", "stage",
+                           *result_columns(class_names, bool(pairs))],
+               "retrieval_chance": {f"top{k}": min(1.0, k / (2 * len(next(iter(pairs.values()))[0]) - 1))
+                                    for k in (1, 5)} if pairs else None,
+               "summary_metrics": metrics, "runs": runs, "summary": summary,
+               "comparisons": compare(summary, metrics),
+               "settings": {k: (list(v) if isinstance(v, (tuple, list)) else v)
+                            for k, v in vars(args).items() if k not in ("device", "threads")}}
+    results["settings"].update(names=names, data_dir=str(data_dir),
+                               held_out=[c.name for c in splits["val"]])
+    print(format_tables(results))
     results["seconds"] = round(time.time() - start, 1)
     written = write_outputs(results, out_dir)
     print(f"written: {', '.join(str(p) for p in written)} ({results['seconds']:.0f} s)")
@@ -521,6 +611,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     args = parser.parse_args(argv)
     utils.check_patch_size(parser, args.arch, args.patch_size)
+    utils.check_patch_size(parser, args.arch, args.retrieval_crop, "--retrieval_crop")
     if args.names is not None and len(args.names) != len(args.checkpoints):
         parser.error(f"--names gives {len(args.names)} names for {len(args.checkpoints)} "
                      f"checkpoints")

@@ -4,14 +4,16 @@
     python tools/plot_log.py runs/dino runs/desd --labels DINO DeSD --out curves.png
 
 Reads `OUTPUT_DIR/log.txt` (one JSON line per epoch, written by main_desd.py) of every run
-and draws six panels, the runs overlaid in one colour each:
+and draws seven panels, the runs overlaid in one colour each:
 - total loss; the loss of each stage (stage 4 is `loss_ssl`, stages 1-3 `deep_loss_k`);
 - learning rate; teacher temperature;
 - teacher entropy and the entropy of the batch-mean teacher output, against ln(out_dim):
   a teacher entropy near ln(out_dim) is a uniform teacher, near 0 a one-hot one (DINO's
   two collapse modes); a batch-mean entropy far below ln(out_dim) means few prototypes
   are used;
-- KL(teacher || student) per stage: near 0 means the student copies the teacher.
+- KL(teacher || student) per stage: near 0 means the student copies the teacher;
+- the teacher's view retrieval top-1 per stage against chance (runs with --retrieval_list):
+  rising above the first epoch's value means the features learn something.
 A quantity a run did not log (e.g. the KL of a stage with weight 0 in a DINO baseline)
 is left out for that run. matplotlib is needed here only (pip install matplotlib).
 """
@@ -41,8 +43,11 @@ PANELS = (
       ("ln_out_dim", "ln(out_dim)")]),
     ("KL(teacher || student) per stage (collapse: ~0)",
      [(f"kl_stage{k}", f"stage {k}") for k in range(1, NUM_STAGES + 1)]),
+    ("view retrieval top-1 per stage (label-free; --retrieval_list)",
+     [(f"retrieval_top1_stage{k}", f"stage {k}") for k in range(1, NUM_STAGES + 1)]
+     + [("retrieval_chance1", "chance")]),
 )
-LINESTYLES = ("-", "--", ":", "-.")
+LINESTYLES = ("-", "--", ":", "-.", (0, (1, 4)))
 
 
 def series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
@@ -64,7 +69,10 @@ def plot_runs(runs: dict[str, list[dict]], out: str | os.PathLike) -> Path:
     from matplotlib.lines import Line2D
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    cols = math.ceil(len(PANELS) / 2)
+    fig, axes = plt.subplots(2, cols, figsize=(5.3 * cols, 8.5))
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
     for ax, (title, keys) in zip(axes.flat, PANELS):
         styles = {}
         for r, (label, records) in enumerate(runs.items()):
