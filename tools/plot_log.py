@@ -83,7 +83,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str | os.PathLike) -> Path:
                     continue
                 style = LINESTYLES[j % len(LINESTYLES)]
                 marker = "o" if len(xs) < 20 else None  # a two-epoch run still shows
-                ax.plot(xs, ys, style, color=colour, marker=marker, markersize=3,
+                ax.plot(xs, ys, linestyle=style, color=colour, marker=marker, markersize=3,
                         label=f"{label}: {name}")
                 styles[name] = style
         ax.set_title(title)
