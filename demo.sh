@@ -30,6 +30,8 @@
 #   DEMO_FT_SIZE        in-plane size of the labelled cases                [96]
 #   DEMO_FT_EPOCHS      fine-tuning epochs                                 [4]
 #   DEMO_FT_ITERS       fine-tuning iterations per epoch                   [10]
+#   DEMO_UPPER_STEPS    >0: also probe an encoder fine-tuned with labels for [0]
+#                       this many steps: the probes' supervised upper bound
 #   DEMO_PROBE_ARGS     extra arguments for tools/eval_probe.py            []
 #   DEMO_THREADS        CPU threads for PyTorch                            [all cores]
 set -euo pipefail
@@ -47,6 +49,7 @@ LABELLED=${DEMO_LABELLED:-12}
 FT_SIZE=${DEMO_FT_SIZE:-96}
 FT_EPOCHS=${DEMO_FT_EPOCHS:-4}
 FT_ITERS=${DEMO_FT_ITERS:-10}
+UPPER=${DEMO_UPPER_STEPS:-0}
 read -r -a PROBE_ARGS <<< "${DEMO_PROBE_ARGS:-}"
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${DEMO_THREADS:-$(nproc 2>/dev/null || echo 2)}
@@ -89,24 +92,31 @@ done
 CKPTS=(random); NAMES=(random)
 for s in "${PSEEDS[@]}"; do CKPTS+=("$OUT/dino_s$s/checkpoint.pth"); NAMES+=(DINO); done
 for s in "${PSEEDS[@]}"; do CKPTS+=("$OUT/desd_s$s/checkpoint.pth"); NAMES+=(DeSD); done
+FT=(--arch "$ARCH" --data_dir "$LAB" --batch_size 2 --patch_size 32 64 64 --decoder_channels 128 64 32 16 8)
+PROBED=("${CKPTS[@]}"); PROBED_NAMES=("${NAMES[@]}")
+if [ "$UPPER" -gt 0 ]; then
+  step "   the supervised upper bound: an encoder fine-tuned with labels for $UPPER steps"
+  $PY "$here/finetune_example.py" "${FT[@]}" --epochs $(( (UPPER + 19) / 20 )) --iters_per_epoch 20 \
+      --output_dir "$OUT/ft_upper" 2>/dev/null | grep -E "^Dice: " | sed "s/^/  supervised: /"
+  PROBED+=("$OUT/ft_upper/finetuned_model.pth"); PROBED_NAMES+=(supervised)
+fi
 PROBE=(--arch "$ARCH" --data_dir "$LAB" --patches_per_case 16 --probe_seeds "${SEEDS[@]}"
        ${PROBE_ARGS[@]+"${PROBE_ARGS[@]}"})
 step "4/6 frozen encoders per stage: view retrieval, linear probe, k-NN (seeds ${SEEDS[*]})"
 quiet() { grep -vE "^(\[pre_|conv1.weight|  in the checkpoint|== )"; }  # the per-seed loading lines
-$PY "$here/tools/eval_probe.py" "${CKPTS[@]}" --names "${NAMES[@]}" "${PROBE[@]}" \
+$PY "$here/tools/eval_probe.py" "${PROBED[@]}" --names "${PROBED_NAMES[@]}" "${PROBE[@]}" \
     --retrieval_list "$HO/retrieval.txt" --output_dir "$OUT/probe" 2> "$OUT/probe.log" | quiet
 step "   the same linear probe on patches through the pre-training's intensity augmentation"
-$PY "$here/tools/eval_probe.py" "${CKPTS[@]}" --names "${NAMES[@]}" "${PROBE[@]}" --augment \
+$PY "$here/tools/eval_probe.py" "${PROBED[@]}" --names "${PROBED_NAMES[@]}" "${PROBE[@]}" --augment \
     --output_dir "$OUT/probe_augmented" 2> "$OUT/probe_augmented.log" | quiet
 
 step "5/6 fine-tuning at equal steps ($FT_EPOCHS x $FT_ITERS) from scratch, DINO and DeSD, seeds ${SEEDS[*]}"
-FT=(--arch "$ARCH" --data_dir "$LAB" --epochs "$FT_EPOCHS" --iters_per_epoch "$FT_ITERS" --batch_size 2
-    --patch_size 32 64 64 --decoder_channels 128 64 32 16 8)
 for s in "${SEEDS[@]}"; do
   for i in "${!CKPTS[@]}"; do
     name=${NAMES[$i]}; from=(); [ "$name" != random ] && from=(--pretrained "${CKPTS[$i]}")
     [ "$name" = random ] && name=scratch
-    $PY "$here/finetune_example.py" "${FT[@]}" ${from[@]+"${from[@]}"} --seed "$s" \
+    $PY "$here/finetune_example.py" "${FT[@]}" --epochs "$FT_EPOCHS" --iters_per_epoch "$FT_ITERS" \
+        ${from[@]+"${from[@]}"} --seed "$s" \
         --output_dir "$OUT/ft/${name}_$i/seed$s" 2>/dev/null | grep -E "^Dice: " | sed "s/^/  $name, seed $s: /"
   done
 done

@@ -43,8 +43,9 @@ __all__ = ["PretrainedLoadError", "read_checkpoint", "verify_checkpoint_file",
 
 # Top-level module names of `ResNet3D` (SPEC.md §5): what a bare backbone holds.
 BACKBONE_MODULES = ("conv1", "norm1", "layer1", "layer2", "layer3", "layer4")
-# Tried in this order on every key; the first that matches is removed.
-STRIP_PREFIXES = ("module.backbone.", "backbone.", "module.")
+# Tried in this order on every key; the first that matches is removed ("encoder." is
+# ResUNet3D's: a fine-tuned segmentation network's encoder loads too).
+STRIP_PREFIXES = ("module.backbone.", "backbone.", "module.", "encoder.")
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,

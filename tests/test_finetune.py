@@ -235,6 +235,12 @@ def test_one_epoch_on_synthetic_data(tmp_path, pretrained):
     assert m and 0.0 <= float(m.group(1)) <= 1.0, out
     assert (tmp_path / "a" / "finetuned_model.pth").is_file()
     assert (tmp_path / "a" / "results.json").is_file()
+    # the fine-tuned network's encoder loads as a backbone (its 'encoder.' prefix stripped)
+    net = torch.load(tmp_path / "a" / "finetuned_model.pth", weights_only=True)
+    encoder = build_backbone("res3d10")
+    summary = load_pretrained_encoder(encoder, tmp_path / "a" / "finetuned_model.pth")
+    assert summary["n_loaded"] == summary["n_model"]
+    assert all(torch.equal(v, net["encoder." + k]) for k, v in encoder.state_dict().items())
     # Deterministic for a seed (the preprocessing cache is reused on the second run).
     again, _ = _tiny_run(tmp_path, "a", "--pretrained", str(tmp_path / "bb.safetensors"))
     assert again["dice_per_class"] == results["dice_per_class"]
