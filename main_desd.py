@@ -87,9 +87,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Epochs of linear warm-up of the teacher temperature (published run: 20).")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
                    help="auto: bf16 autocast on GPUs that support it, else fp16 with a gradient "
-                        "scaler; fp32 on a CPU. bf16/fp16 force autocast, fp32 disables it.")
+                        "scaler; fp32 on a CPU. bf16/fp16 force autocast. fp32: no autocast, "
+                        "PyTorch's float32 defaults (cuDNN convolutions may use TF32 on Ampere "
+                        "and later GPUs, matrix products do not). tf32: no autocast, TF32 "
+                        "tensor cores for the matrix products (the heads) too.")
     g.add_argument("--use_fp16", action=_UseFp16, dest="precision", default=argparse.SUPPRESS,
                    **BOOL,
                    help="The published flag, an alias: True = --precision auto, False = "
@@ -502,6 +505,11 @@ class Step:
 
 def build_step(args, device: torch.device, rank: int) -> Step:
     dtype = utils.amp_dtype(args.precision, device)
+    # process-wide: what fp32 matrix products may use (fp32 keeps PyTorch's default), and
+    # cuDNN's autotuner, worth it since the crop sizes are fixed
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     return Step(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                 BatchIntensityAugment(not args.aug_per_volume) if args.augment_on == "device" else None,
                 torch.Generator(device=device),
@@ -586,8 +594,6 @@ def train(args) -> None:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         volume_io.remove_stale_temps(out_dir)  # of a run killed while saving
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # crop sizes are fixed
     step = build_step(args, device, rank)
     utils.print_rank0(f"DeSD: {world} process(es) on {device}, precision "
                       f"{step.amp_dtype or torch.float32}; arguments:\n"

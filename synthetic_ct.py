@@ -41,7 +41,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 LABEL_NAMES = ("background", "liver", "spleen", "kidney")
@@ -332,6 +331,7 @@ def make_deeplesion_set(out_dir, n_series=3, size=64, seed=0, n_slices=(30, 50))
         seed: seed of everything drawn.
         n_slices: (min, max) slices of each scanned series, before gaps are cut out.
     """
+    import SimpleITK as sitk  # only the writers need it: phantom() is numpy alone
     out_dir = Path(out_dir)
     png_root = out_dir / "Images_png"
     png_root.mkdir(parents=True, exist_ok=True)
@@ -398,6 +398,7 @@ def make_labelled_set(out_dir, n_cases=6, size=64, n_slices=32, seed=0):
     values index ``LABEL_NAMES``), spacing set in the header: in-plane U(0.6, 0.98) mm,
     slice thickness one of 1.5, 2, 2.5, 3, 5 mm; plus a minimal ``dataset.json``.
     """
+    import SimpleITK as sitk  # only the writers need it: phantom() is numpy alone
     out_dir = Path(out_dir)
     (out_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out_dir / "labelsTr").mkdir(parents=True, exist_ok=True)

@@ -410,12 +410,12 @@ def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `--precision` on `device` (None = fp32)."""
+    """The autocast dtype of `--precision` on `device` (None = no autocast: fp32, tf32)."""
     if precision == "auto":
         if device.type != "cuda":
             return None
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 

@@ -44,8 +44,8 @@ from synthetic_ct import phantom  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("bench_epoch", add_help=False)
-    p.add_argument("--format", nargs="+", default=["nii.gz"], choices=["nii.gz", "nii", "npy"],
-                   help="Storage formats to time (nii.gz is the published one).")
+    p.add_argument("--format", nargs="+", default=["nii.gz"], choices=["nii.gz", "nii", "npy", "b2nd"],
+                   help="Storage formats to time (nii.gz is the published one; b2nd needs blosc2).")
     p.add_argument("--files", type=int, default=32, help="Distinct sub-volumes written (cycled).")
     p.add_argument("--shape", type=int, nargs=3, default=[24, 288, 288], metavar=("D", "H", "W"),
                    help="Sub-volume size, (z, y, x) (published tile after the central crop).")
@@ -54,12 +54,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="Backbone (default: res3d50 on GPU, res3d10 on CPU).")
     p.add_argument("--batch", type=int, default=None, help="Samples per step (default: 32 GPU, 2 CPU).")
     p.add_argument("--out_dim", type=int, default=None, help="Prototypes (default: 60000 GPU, 1024 CPU).")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16", "fp16"],
                    help="Step precision (default: bf16 on a GPU that supports it, else fp32).")
     p.add_argument("--channels_last", default=False, **volume_io.BOOL,
                    help="channels_last_3d (the trainer applies it on CUDA only).")
     p.add_argument("--compile", default=False, **volume_io.BOOL,
                    help="torch.compile the networks (give --warmup >= 3).")
+    p.add_argument("--augment_on", default="device", choices=["device", "cpu"],
+                   help="Where the intensity augmentation runs: 'device' (this trainer's default: "
+                        "batched on the GPU) or 'cpu' (in the loader's workers, as published).")
     p.add_argument("--warmup", type=int, default=None, help="Untimed batches (default: 5 GPU, 2 CPU).")
     p.add_argument("--iters", type=int, default=None, help="Timed batches (default: 30 GPU, 5 CPU).")
     p.add_argument("--threads", type=int, default=None,
@@ -71,11 +74,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def write_volumes(folder: str, n: int, fmt: str, shape) -> list[str]:
+    """`n` phantom sub-volumes in `fmt`, written as stage 3 writes them. Where SimpleITK is
+    missing (a bare GPU machine) NIfTI files are written by nibabel instead (gzip level 1,
+    like stage 3's default): the same bytes to decode, so the reading side timed is the same."""
+    try:
+        import SimpleITK  # noqa: F401
+        sitk_missing = False
+    except ImportError:
+        sitk_missing = True
     names = []
     for k in range(n):
         hu, _ = phantom(tuple(shape), (1.0, 1.0, 1.0), np.random.default_rng(k))
         name = f"vol{k:03d}_dep0.{fmt}"
-        splitting_to_patches.write_tile(hu, os.path.join(folder, name), fmt)
+        if sitk_missing and fmt in ("nii", "nii.gz"):
+            import nibabel as nib
+            img = nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), np.eye(4))
+            img.header.set_data_dtype(np.int16)
+            nib.save(img, os.path.join(folder, name))
+        else:
+            splitting_to_patches.write_tile(hu, os.path.join(folder, name), fmt)
         names.append(name)
     return names
 
@@ -107,7 +124,7 @@ def main(argv=None) -> None:
     crop = (16, 96, 96)
     n = args.warmup + args.iters
     targs = bt.trainer_args(args.arch, args.batch, args.out_dim, crop, 0, args.precision,
-                            args.channels_last, args.compile, niter=n)
+                            args.channels_last, args.compile, niter=n, augment_on=args.augment_on)
     # One step object for every row: the step-only and end-to-end rows time the same networks.
     bench = bt.StepBench(targs, device, n)
     flop, flop_src = bt.step_flop(args.arch, args.batch, args.out_dim, crop, 0, device)
@@ -129,7 +146,7 @@ def main(argv=None) -> None:
                   file=sys.stderr, flush=True)
             for workers in args.num_workers:
                 largs = bt.trainer_args(args.arch, args.batch, args.out_dim, crop, 0,
-                                        args.precision, niter=n)
+                                        args.precision, niter=n, augment_on=args.augment_on)
                 largs.list_path, largs.num_workers, largs.seed = list_file, workers, args.seed
                 dataset, _, loader, _ = main_desd.build_loader(largs, 0, 1, device)
                 dataset.set_epoch(0)
@@ -163,6 +180,7 @@ def main(argv=None) -> None:
              "files in the page cache: disk reads are not measured"]
     bt.print_table(f"Epoch throughput: {args.arch}, batch {args.batch}, out_dim {args.out_dim}, "
                    f"{args.precision}, channels_last {args.channels_last}, compile {args.compile}, "
+                   f"augmentation on {args.augment_on}, "
                    f"{'x'.join(map(str, args.shape))} int16 sub-volumes, {args.files} files, device {device}",
                    ["format", "workers", "what", "median ms/batch", "samples/s", "wall samples/s",
                     "per worker", "MFU"], rows, notes)

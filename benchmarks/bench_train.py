@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import shlex
 import statistics
@@ -50,9 +51,9 @@ PUBLISHED = dict(arch="res3d50", out_dim=60000, crop=(16, 96, 96), local_crops=0
 # Dense tensor-core peaks in TFLOP/s (SXM parts); fp32 = TF32, which cuDNN uses for fp32
 # convolutions by default.
 PEAK_TFLOPS = {
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5, "tf32": 494.5},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5, "tf32": 494.5},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0, "tf32": 156.0},
 }
 
 
@@ -67,8 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Global view size (published: 16 96 96).")
     p.add_argument("--local_crops", type=int, default=0,
                    help="Local views (16x48x48) per sample (published: 0).")
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
-                   help="Precisions to time; bf16/fp16 are skipped where unsupported (fp16 on CPU).")
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
+                   choices=["fp32", "tf32", "bf16", "fp16"],
+                   help="Precisions to time (the trainer's --precision); tf32 and fp16 are GPU-only, "
+                        "bf16 is skipped on CPUs without native bf16.")
     p.add_argument("--channels_last", nargs="+", type=onoff, default=[False], metavar="on|off",
                    help="channels_last_3d variants to time, e.g. 'off on'. The trainer applies "
                         "it on CUDA only, so 'on' is skipped on a CPU.")
@@ -88,6 +91,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "OpenMP threads on busy cores made a CPU step 3x slower here.")
     p.add_argument("--force_cpu_bf16", action="store_true",
                    help="Time bf16 on a CPU without native bf16 (very slow: minutes per step).")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="After timing each variant, profile N more steps with torch.profiler and "
+                        "print the operators and kernels that take the most device time.")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="Also write the timed rows to PATH as JSON (for scripts).")
     p.add_argument("--flops", action="store_true",
                    help="Only count FLOP per step with FlopCounterMode (at batch 1 and 2, scaled "
                         "to --batch) and compare with the published 2.852 TFLOP per batch of 32.")
@@ -97,7 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- pieces
 
 def trainer_args(arch, batch, out_dim, crop, local_crops, precision="fp32", channels_last=False,
-                 compile_=False, optimizer="sgd", clip_grad=0.0, niter=1) -> argparse.Namespace:
+                 compile_=False, optimizer="sgd", clip_grad=0.0, niter=1,
+                 augment_on="device") -> argparse.Namespace:
     """The trainer's own argument namespace with the published run's settings."""
     argv = ["--arch", arch, "--batch_size_per_gpu", str(batch), "--out_dim", str(out_dim),
             "--global_crop_size", *map(str, crop), "--local_crops_number", str(local_crops),
@@ -106,7 +115,7 @@ def trainer_args(arch, batch, out_dim, crop, local_crops, precision="fp32", chan
             "--use_bn_in_head", "True", "--lr", "0.3", "--min_lr", "0.048",
             "--weight_decay", "1e-6", "--weight_decay_end", "1e-6", "--teacher_temp", "0.07",
             "--epochs", "1", "--warmup_epochs", "0", "--freeze_last_layer", "0",
-            "--print_freq", str(10 ** 9), "--augment_on", "device"]
+            "--print_freq", str(10 ** 9), "--augment_on", augment_on]
     return main_desd.parse_args(argv)
 
 
@@ -214,6 +223,8 @@ def precision_supported(device: torch.device, precision: str) -> tuple[bool, str
     if precision == "fp32":
         return True, ""
     if device.type == "cpu":
+        if precision == "tf32":
+            return False, "TF32 is a GPU mode"
         if precision == "fp16":
             return False, "fp16 autocast is not timed on CPU"
         if not cpu_has_native_bf16():
@@ -300,8 +311,38 @@ def run_flops(args, device) -> None:
                 ["batch", "total GFLOP", "augment GFLOP", "model GFLOP", "count s"], rows, notes)
 
 
+def profile_steps(bench: StepBench, views, device: torch.device, steps: int) -> str:
+    """Where a step's device time goes: torch.profiler over `steps` steps, the top entries by
+    self device time (kernels and the operators that launch them), and the share of a few
+    kernel families (matched by name), per step."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        bench.run(TimedBatches(views, steps, device, repeat=True))
+    events = prof.key_averages()
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    if device.type != "cuda":
+        key = "self_cpu_time_total"
+    table = events.table(sort_by=key, row_limit=25, max_name_column_width=70)
+    families = {"convolution": ("fprop", "dgrad", "wgrad", "implicit", "conv", "winograd", "cudnn"),
+                "gemm (heads)": ("gemm", "nvjet", "cutlass", "matmul"),
+                "norm": ("norm",),
+                "layout/copy": ("copy", "nchwtonhwc", "nhwctonchw", "transpose", "contiguous"),
+                "elementwise/reduce": ("elementwise", "reduce", "vectorized", "triton")}
+    kernels = [e for e in events if e.device_type.name == "CUDA"] if device.type == "cuda" else []
+    total = sum(getattr(e, key) for e in kernels) or 1.0
+    shares = {}
+    for e in kernels:
+        name = e.key.lower()
+        fam = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        shares[fam] = shares.get(fam, 0.0) + getattr(e, key)
+    summary = "; ".join(f"{f} {100 * t / total:.1f}% ({t / steps / 1e3:.1f} ms/step)"
+                        for f, t in sorted(shares.items(), key=lambda kv: -kv[1]))
+    return f"kernel time per step {total / steps / 1e3:.1f} ms: {summary}\n{table}"
+
+
 def run_timing(args, device) -> None:
-    rows, notes = [], []
+    rows, notes, profiles = [], [], []
     flop, flop_src = step_flop(args.arch, args.batch, args.out_dim, args.crop, args.local_crops, device)
     n = args.warmup + args.iters
     for precision in args.precision:
@@ -333,6 +374,13 @@ def run_timing(args, device) -> None:
                              f"{100 * achieved / peak:.1f}%" if peak else "n/a", peak_memory(device)])
                 print(f"  done: {precision} channels_last={cl} compile={comp}: {med * 1e3:.1f} ms/step",
                       file=sys.stderr, flush=True)
+                if args.profile:
+                    try:
+                        text = profile_steps(bench, views, device, min(args.profile, n))
+                    except Exception as err:  # a profiler failure must not cost the timings
+                        text = f"profiler failed: {err!r}"
+                    profiles.append((f"{precision}, channels_last {'on' if cl else 'off'}, compile "
+                                     f"{'on' if comp else 'off'}", text))
                 del bench, views, timed
     notes.append(f"FLOP per step: {flop / 1e12:.4f} TFLOP ({flop_src}); medians over {args.iters} "
                  f"steps after {args.warmup} warm-up steps; range = fastest-slowest timed step")
@@ -343,6 +391,14 @@ def run_timing(args, device) -> None:
                 f"optimizer {args.optimizer}, clip_grad {args.clip_grad:g}, device {device}",
                 ["precision", "channels_last", "compile", "median ms", "range ms", "samples/s",
                  "TFLOP/s", "peak TFLOP/s", "MFU", "peak mem"], rows, notes)
+    if args.json:
+        keys = ["precision", "channels_last", "compile", "median_ms", "range_ms", "samples_per_s",
+                "tflops", "peak_tflops", "mfu", "peak_mem"]
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_line(), "command": command_line(), "notes": notes,
+                       "rows": [dict(zip(keys, r)) for r in rows]}, f, indent=1)
+    for title, text in profiles:
+        print(f"\nprofile, {title}:\n{text}", flush=True)
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,7 @@ def test_short_demo_runs_end_to_end(tmp_path):
     text = proc.stdout
     # the comparison tables, with spreads, and the fine-tuning summary
     for table in ("retrieval_top1 (mean ± std", "dice_mean (mean ± std", "knn_acc (mean ± std",
-                  "DeSD vs random", "DINO vs random", "fine-tuning Dice on the held-out cases"):
+                  "DeSD vs random", "DINO vs random", "DeSD vs DINO", "fine-tuning Dice on the held-out cases"):
         assert table in text, table
     for name in ("scratch", "DINO", "DeSD"):
         assert f"| {name} | 0." in text and f"  {name}, seed 1: Dice: 0." in text

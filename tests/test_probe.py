@@ -95,14 +95,20 @@ def test_centre_label():
 
 def test_summary_spreads_and_comparison_by_hand():
     runs = [{"name": g, "stages": [{"stage": s, "m": v + s} for s in (1, 2, 3, 4)]}
-            for g, v in (("random", 0.1), ("random", 0.3), ("DeSD", 0.9), ("DeSD", 0.9))]
+            for g, v in (("random", 0.1), ("random", 0.3), ("DINO", 0.7), ("DINO", 0.9),
+                         ("DeSD", 0.9), ("DeSD", 0.9))]
     summary = eval_probe.summarise(runs, ["m"])
     assert summary["random"][1]["m"] == {"mean": pytest.approx(1.2), "std": pytest.approx(0.1),
                                          "min": pytest.approx(1.1), "max": pytest.approx(1.3), "n": 2}
     rows = eval_probe.compare(summary, ["m"])
-    assert [r["stage"] for r in rows] == [1, 2, 3, 4]
-    assert rows[0]["difference"] == pytest.approx(0.7) and rows[0]["twice_spread"] == pytest.approx(0.2)
-    assert rows[0]["beyond"] and rows[0]["group"] == "DeSD" and rows[0]["baseline"] == "random"
+    assert [(r["group"], r["baseline"]) for r in rows[::4]] == [
+        ("DINO", "random"), ("DeSD", "random"), ("DeSD", "DINO")]
+    assert [r["stage"] for r in rows[:4]] == [1, 2, 3, 4]
+    desd_random, desd_dino = rows[4], rows[8]
+    assert desd_random["difference"] == pytest.approx(0.7) and desd_random["twice_spread"] == pytest.approx(0.2)
+    assert desd_random["beyond"]
+    assert desd_dino["difference"] == pytest.approx(0.1) and desd_dino["twice_spread"] == pytest.approx(0.2)
+    assert not desd_dino["beyond"]
 
 
 def test_sampled_training_equals_upsampled_logits():

@@ -35,8 +35,8 @@ bf16 autocast on CUDA). Per stage:
 Every measurement is repeated for each of `--probe_seeds` (the random init, the probe's
 initialisation and voxel sample, the augmentation draws and the retrieval views change
 with it). The spread of a group is the standard deviation over its checkpoints and
-seeds; every group is compared with the first one: difference of the means and whether
-it exceeds twice the larger spread. The last `--val_fraction` of the cases (sorted by
+seeds; every group is compared with every group before it: difference of the means and
+whether it exceeds twice the larger spread. The last `--val_fraction` of the cases (sorted by
 name) is held out, as in finetune_example.py; data are prepared as for fine-tuning and
 cached under `OUTPUT_DIR/preprocessed/`.
 
@@ -333,17 +333,20 @@ def summarise(runs: list[dict], metrics: Sequence[str]) -> dict:
 
 
 def compare(summary: dict, metrics: Sequence[str]) -> list[dict]:
-    """Every group against the first: difference of the means and whether it exceeds
-    twice the larger of the two spreads (std)."""
+    """Every group against every group before it (random, DINO, DeSD: DINO - random,
+    DeSD - random, DeSD - DINO): difference of the means and whether it exceeds twice the
+    larger of the two spreads (std)."""
     names = list(summary)
     rows = []
-    for name in names[1:]:
-        for stage in summary[name]:
-            for m in metrics:
-                a, b = summary[name][stage][m], summary[names[0]][stage][m]
-                diff, bar = a["mean"] - b["mean"], 2 * max(a["std"], b["std"])
-                rows.append({"group": name, "baseline": names[0], "stage": stage, "metric": m,
-                             "difference": diff, "twice_spread": bar, "beyond": bool(diff > bar)})
+    for j, name in enumerate(names):
+        for base in names[:j]:
+            for stage in summary[name]:
+                for m in metrics:
+                    a, b = summary[name][stage][m], summary[base][stage][m]
+                    diff, bar = a["mean"] - b["mean"], 2 * max(a["std"], b["std"])
+                    rows.append({"group": name, "baseline": base, "stage": stage, "metric": m,
+                                 "difference": diff, "twice_spread": bar,
+                                 "beyond": bool(diff > bar)})
     return rows
 
 
@@ -361,17 +364,16 @@ def format_tables(results: dict) -> str:
                      for s in range(1, NUM_STAGES + 1)]
             lines.append(f"| {name} (n={by_stage[1][m]['n']}) | " + " | ".join(cells) + " |")
     if results["comparisons"]:
-        lines += ["", "difference from the first group (beyond = more than twice the larger std)",
+        lines += ["", "differences between groups (beyond = more than twice the larger std)",
                   "| group | metric | " + " | ".join(f"stage {s}" for s in range(1, NUM_STAGES + 1))
                   + " |", "|---" * (NUM_STAGES + 2) + "|"]
         rows: dict = {}
         for c in results["comparisons"]:
-            rows.setdefault((c["group"], c["metric"]), {})[c["stage"]] = c
-        for (group, m), by_stage in rows.items():
+            rows.setdefault((c["group"], c["baseline"], c["metric"]), {})[c["stage"]] = c
+        for (group, base, m), by_stage in rows.items():
             cells = [f"{c['difference']:+.3f} ({'beyond' if c['beyond'] else 'within'} "
                      f"{c['twice_spread']:.3f})" for c in (by_stage[s] for s in range(1, NUM_STAGES + 1))]
-            lines.append(f"| {group} vs {results['comparisons'][0]['baseline']} | {m} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| {group} vs {base} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
