@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import shlex
@@ -41,6 +42,7 @@ sys.path.insert(0, REPO)
 import main_desd  # noqa: E402
 import utils  # noqa: E402
 import volume_io  # noqa: E402
+from models.res3d import InstanceNorm3d  # noqa: E402
 
 # The figure: res3d50, out_dim 60000, two 16x96x96 global views, no local views,
 # teacher forward + student forward and backward, per batch of 32.
@@ -91,6 +93,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "OpenMP threads on busy cores made a CPU step 3x slower here.")
     p.add_argument("--force_cpu_bf16", action="store_true",
                    help="Time bf16 on a CPU without native bf16 (very slow: minutes per step).")
+    p.add_argument("--norm_impl", nargs="+", default=["group_norm"],
+                   choices=["group_norm", "reference", "manual"],
+                   help="How models.res3d.InstanceNorm3d computes (same function): group_norm "
+                        "(the default), reference (PyTorch's own instance norm), manual.")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="After timing each variant, profile N more steps with torch.profiler and "
                         "print the operators and kernels that take the most device time.")
@@ -324,9 +330,9 @@ def profile_steps(bench: StepBench, views, device: torch.device, steps: int) -> 
     if device.type != "cuda":
         key = "self_cpu_time_total"
     table = events.table(sort_by=key, row_limit=25, max_name_column_width=70)
-    families = {"convolution": ("fprop", "dgrad", "wgrad", "implicit", "conv", "winograd", "cudnn"),
+    families = {"norm": ("norm", "bn_fw", "bn_bw"),
+                "convolution": ("fprop", "dgrad", "wgrad", "implicit", "conv", "winograd", "cudnn"),
                 "gemm (heads)": ("gemm", "nvjet", "cutlass", "matmul"),
-                "norm": ("norm",),
                 "layout/copy": ("copy", "nchwtonhwc", "nhwctonchw", "transpose", "contiguous"),
                 "elementwise/reduce": ("elementwise", "reduce", "vectorized", "triton")}
     kernels = [e for e in events if e.device_type.name == "CUDA"] if device.type == "cuda" else []
@@ -345,10 +351,12 @@ def run_timing(args, device) -> None:
     rows, notes, profiles = [], [], []
     flop, flop_src = step_flop(args.arch, args.batch, args.out_dim, args.crop, args.local_crops, device)
     n = args.warmup + args.iters
-    for precision in args.precision:
+    for precision, impl in itertools.product(args.precision, args.norm_impl):
+        InstanceNorm3d.impl = impl
         ok, why = precision_supported(device, precision)
         if not ok:
-            notes.append(f"{precision}: skipped ({why})")
+            if impl == args.norm_impl[0]:
+                notes.append(f"{precision}: skipped ({why})")
             continue
         for cl in args.channels_last:
             if cl and device.type != "cuda":
@@ -367,19 +375,20 @@ def run_timing(args, device) -> None:
                 med = statistics.median(secs)
                 peak = peak_tflops(device, precision)
                 achieved = flop / med / 1e12
-                rows.append([precision, "on" if cl else "off", "on" if comp else "off",
+                rows.append([precision, impl, "on" if cl else "off", "on" if comp else "off",
                              f"{med * 1e3:.1f}", f"{min(secs) * 1e3:.1f}-{max(secs) * 1e3:.1f}",
                              f"{args.batch / med:.2f}", f"{achieved:.3f}",
                              f"{peak:g}" if peak else "n/a",
                              f"{100 * achieved / peak:.1f}%" if peak else "n/a", peak_memory(device)])
-                print(f"  done: {precision} channels_last={cl} compile={comp}: {med * 1e3:.1f} ms/step",
+                print(f"  done: {precision} norm={impl} channels_last={cl} compile={comp}: "
+                      f"{med * 1e3:.1f} ms/step",
                       file=sys.stderr, flush=True)
                 if args.profile:
                     try:
                         text = profile_steps(bench, views, device, min(args.profile, n))
                     except Exception as err:  # a profiler failure must not cost the timings
                         text = f"profiler failed: {err!r}"
-                    profiles.append((f"{precision}, channels_last {'on' if cl else 'off'}, compile "
+                    profiles.append((f"{precision}, norm {impl}, channels_last {'on' if cl else 'off'}, compile "
                                      f"{'on' if comp else 'off'}", text))
                 del bench, views, timed
     notes.append(f"FLOP per step: {flop / 1e12:.4f} TFLOP ({flop_src}); medians over {args.iters} "
@@ -389,10 +398,10 @@ def run_timing(args, device) -> None:
     print_table(f"Training step: {args.arch}, batch {args.batch}, out_dim {args.out_dim}, "
                 f"2 global views {'x'.join(map(str, args.crop))} + {args.local_crops} local, "
                 f"optimizer {args.optimizer}, clip_grad {args.clip_grad:g}, device {device}",
-                ["precision", "channels_last", "compile", "median ms", "range ms", "samples/s",
+                ["precision", "norm", "channels_last", "compile", "median ms", "range ms", "samples/s",
                  "TFLOP/s", "peak TFLOP/s", "MFU", "peak mem"], rows, notes)
     if args.json:
-        keys = ["precision", "channels_last", "compile", "median_ms", "range_ms", "samples_per_s",
+        keys = ["precision", "norm", "channels_last", "compile", "median_ms", "range_ms", "samples_per_s",
                 "tflops", "peak_tflops", "mfu", "peak_mem"]
         with open(args.json, "w") as f:
             json.dump({"machine": machine_line(), "command": command_line(), "notes": notes,

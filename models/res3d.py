@@ -15,15 +15,40 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ResNet3D", "BasicBlock", "Bottleneck", "ARCHS", "build_backbone",
+__all__ = ["ResNet3D", "BasicBlock", "Bottleneck", "InstanceNorm3d", "ARCHS", "build_backbone",
            "res3d10", "res3d18", "res3d34", "res3d50", "res3d101", "res3d152", "res3d200"]
+
+
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """`nn.InstanceNorm3d(affine=True)`: the same function, parameters and state-dict names,
+    computed by a faster route on GPUs.
+
+    PyTorch evaluates instance norm as a batch norm over a `(1, N*C, D, H, W)` view; on a
+    GPU that is cuDNN's batch norm in fp32/fp16 and a slow statistics kernel in bf16, and a
+    layout copy in and out under channels_last_3d. Per sample and channel, instance norm is
+    group norm with one channel per group, so `impl = "group_norm"` calls that kernel
+    (statistics in fp32 under autocast, as PyTorch's autocast does for group norm).
+    `impl = "reference"` is PyTorch's own route (for tests and benchmarks); `"manual"`
+    computes the statistics with `var_mean` in fp32 and applies them in one `addcmul`.
+    """
+    impl = "group_norm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "reference" or not self.affine or self.track_running_stats or x.dim() != 5:
+            return super().forward(x)
+        if self.impl == "group_norm":
+            return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+        var, mean = torch.var_mean(x.float(), dim=(2, 3, 4), keepdim=True, correction=0)
+        scale = self.weight.view(1, -1, 1, 1, 1) * torch.rsqrt(var + self.eps)
+        return torch.addcmul(self.bias.view(1, -1, 1, 1, 1) - mean * scale, x, scale)
 
 
 def _norm(name: str) -> Callable[[int], nn.Module]:
     if name == "instance":
-        return lambda c: nn.InstanceNorm3d(c, affine=True)
+        return lambda c: InstanceNorm3d(c, affine=True)
     if name == "batch":
         return nn.BatchNorm3d
     if name == "group":

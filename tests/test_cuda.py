@@ -63,7 +63,9 @@ def _one_run(precision: str, channels_last: bool, iters: int = 3):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
 def test_training_steps_on_cuda(precision, channels_last):
-    nets, step, stats, before = _one_run(precision, channels_last)
+    # fp16: the scaler starts at 2**16 and skips the steps whose gradients overflow while it
+    # backs off, so it gets more steps to move the weights
+    nets, step, stats, before = _one_run(precision, channels_last, iters=8 if precision == "fp16" else 3)
     assert all(math.isfinite(v) for v in stats.values()), stats
     assert step.scaler.is_enabled() == (precision == "fp16")
     assert step.amp_dtype == {"fp32": None, "tf32": None, "bf16": torch.bfloat16,
@@ -73,7 +75,7 @@ def test_training_steps_on_cuda(precision, channels_last):
     moved = [k for k, v in nets.teacher.state_dict().items()
              if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone.") for k in moved) and any(k.startswith("head") for k in moved)
-    conv = nets.student.backbone.conv1.weight
+    conv = nets.student.backbone.layer1[0].conv1.weight  # 64 -> 64: the layouts differ
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
     assert conv.dtype == torch.float32  # master weights stay fp32 under autocast
 
