@@ -93,10 +93,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "OpenMP threads on busy cores made a CPU step 3x slower here.")
     p.add_argument("--force_cpu_bf16", action="store_true",
                    help="Time bf16 on a CPU without native bf16 (very slow: minutes per step).")
-    p.add_argument("--norm_impl", nargs="+", default=["group_norm"],
-                   choices=["group_norm", "reference", "manual"],
-                   help="How models.res3d.InstanceNorm3d computes (same function): group_norm "
-                        "(the default), reference (PyTorch's own instance norm), manual.")
+    p.add_argument("--norm_impl", nargs="+", default=["auto"],
+                   choices=["auto", "group_norm", "reference", "manual"],
+                   help="How models.res3d.InstanceNorm3d computes (same function): auto (the "
+                        "default: group_norm without autocast, reference with it), group_norm, "
+                        "reference (PyTorch's own instance norm), manual.")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="After timing each variant, profile N more steps with torch.profiler and "
                         "print the operators and kernels that take the most device time.")
@@ -393,6 +394,7 @@ def run_timing(args, device) -> None:
                 del bench, views, timed
     notes.append(f"FLOP per step: {flop / 1e12:.4f} TFLOP ({flop_src}); medians over {args.iters} "
                  f"steps after {args.warmup} warm-up steps; range = fastest-slowest timed step")
+    InstanceNorm3d.impl = "auto"
     if device.type != "cuda":
         notes.append("MFU n/a on CPU: no honest peak for this shared, virtualised CPU")
     print_table(f"Training step: {args.arch}, batch {args.batch}, out_dim {args.out_dim}, "

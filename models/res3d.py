@@ -5,7 +5,8 @@ interface: the released DeSD_Res50 teacher loads into `res3d50()` by name once t
 `module.backbone.` prefix is stripped, so do not rename modules here.
 
 Published details kept on purpose:
-- InstanceNorm3d(affine=True) and LeakyReLU(0.01), convolutions without bias;
+- InstanceNorm3d(affine=True) (computed by a faster route, same function) and LeakyReLU(0.01),
+  convolutions without bias;
 - a 1x1x1 projection shortcut (`downsample`) on the first block of *every* stage,
   layer1 included, even where an identity would fit the shapes (release quirk);
 - PyTorch's default initialisation (the release never called its own init routine).
@@ -22,24 +23,36 @@ __all__ = ["ResNet3D", "BasicBlock", "Bottleneck", "InstanceNorm3d", "ARCHS", "b
            "res3d10", "res3d18", "res3d34", "res3d50", "res3d101", "res3d152", "res3d200"]
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return False
+
+
 class InstanceNorm3d(nn.InstanceNorm3d):
     """`nn.InstanceNorm3d(affine=True)`: the same function, parameters and state-dict names,
-    computed by a faster route on GPUs.
+    computed by the faster of two routes.
 
-    PyTorch evaluates instance norm as a batch norm over a `(1, N*C, D, H, W)` view; on a
-    GPU that is cuDNN's batch norm in fp32/fp16 and a slow statistics kernel in bf16, and a
-    layout copy in and out under channels_last_3d. Per sample and channel, instance norm is
-    group norm with one channel per group, so `impl = "group_norm"` calls that kernel
-    (statistics in fp32 under autocast, as PyTorch's autocast does for group norm).
-    `impl = "reference"` is PyTorch's own route (for tests and benchmarks); `"manual"`
-    computes the statistics with `var_mean` in fp32 and applies them in one `addcmul`.
+    PyTorch evaluates instance norm as a batch norm over a `(1, N*C, D, H, W)` view. Per
+    sample and channel it is also group norm with one channel per group, a kernel that is
+    faster in float32: on an H100 the 53 norms of the published res3d50 step took 49.9 ms
+    by PyTorch's route and 24.0 ms as group norm, and the fp32 step went from 113.6 to
+    84.8 ms (`benchmarks/bench_norm.py`, `bench_train.py --norm_impl`). Under bf16
+    autocast group norm is computed in float32 (autocast's rule) and the step was no
+    faster (93.8 vs 95.3 ms), so `impl = "auto"` takes group norm without autocast and
+    PyTorch's route with it. `"reference"` and `"group_norm"` force a route; `"manual"`
+    (var_mean in float32 and one addcmul) was slower in both and is kept for the benchmark.
     """
-    impl = "group_norm"
+    impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "reference" or not self.affine or self.track_running_stats or x.dim() != 5:
+        impl = self.impl
+        if impl == "auto":
+            impl = "reference" if _autocast_on(x.device.type) else "group_norm"
+        if impl == "reference" or not self.affine or self.track_running_stats or x.dim() != 5:
             return super().forward(x)
-        if self.impl == "group_norm":
+        if impl == "group_norm":
             return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
         var, mean = torch.var_mean(x.float(), dim=(2, 3, 4), keepdim=True, correction=0)
         scale = self.weight.view(1, -1, 1, 1, 1) * torch.rsqrt(var + self.eps)

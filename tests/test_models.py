@@ -77,6 +77,54 @@ def test_published_norm_act_and_no_bias():
     assert model.conv1.stride == (1, 2, 2) and model.conv1.padding == (3, 3, 3)
 
 
+@pytest.mark.parametrize("impl", ["auto", "group_norm", "manual"])
+def test_instance_norm_routes_compute_pytorchs_instance_norm(impl):
+    """Every route of models.res3d.InstanceNorm3d is nn.InstanceNorm3d(affine=True): the
+    output and all three gradients, in float64 and float32, with the same state dict."""
+    from models.res3d import InstanceNorm3d
+    ref = torch.nn.InstanceNorm3d(5, affine=True)
+    ours = InstanceNorm3d(5, affine=True)
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-7), (torch.float32, 2e-5)):
+        x = (torch.randn((3, 5, 4, 6, 7), generator=g) * 4 + 3).to(dtype)
+        gy = torch.randn(x.shape, generator=g).to(dtype)
+        w, b = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+        results = []
+        for m, route in ((ref, None), (ours, impl)):
+            m.to(dtype)
+            with torch.no_grad():
+                m.weight.copy_(w)
+                m.bias.copy_(b)
+            m.zero_grad()
+            xg = x.clone().requires_grad_()
+            old, InstanceNorm3d.impl = InstanceNorm3d.impl, route or InstanceNorm3d.impl
+            try:
+                y = m(xg)
+            finally:
+                InstanceNorm3d.impl = old
+            y.backward(gy)
+            results.append((y.detach(), xg.grad, m.weight.grad, m.bias.grad))
+        for a, want in zip(*results[::-1]):
+            assert a.dtype == want.dtype and a.shape == want.shape
+            assert float((a - want).abs().max()) <= tol * float(want.abs().max()), (dtype, impl)
+
+
+def test_instance_norm_auto_route_follows_autocast(monkeypatch):
+    """auto: group norm in plain float32, PyTorch's own route under autocast."""
+    from models.res3d import InstanceNorm3d
+    import torch.nn.functional as F
+    calls = []
+    monkeypatch.setattr(F, "group_norm", lambda *a, **k: calls.append("group") or a[0])
+    monkeypatch.setattr(F, "instance_norm", lambda *a, **k: calls.append("instance") or a[0])
+    m = InstanceNorm3d(4, affine=True)
+    x = torch.randn(2, 4, 3, 4, 5)
+    m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x)
+    assert calls == ["group", "instance"]
+
+
 def test_unknown_arch_lists_choices():
     with pytest.raises(ValueError, match="res3d10, res3d18"):
         build_backbone("res3d11")
