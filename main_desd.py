@@ -88,11 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on GPUs that support it, else fp16 with a gradient "
-                        "scaler; fp32 on a CPU. bf16/fp16 force autocast. fp32: no autocast, "
-                        "PyTorch's float32 defaults (cuDNN convolutions may use TF32 on Ampere "
-                        "and later GPUs, matrix products do not). tf32: no autocast, TF32 "
-                        "tensor cores for the matrix products (the heads) too.")
+                   help="auto: bf16 autocast on GPUs that support it, else fp16 with a scaler; "
+                        "fp32 on a CPU. fp32: PyTorch's float32 defaults (cuDNN may use TF32 "
+                        "for convolutions); tf32: TF32 for the heads' matrix products too.")
     g.add_argument("--use_fp16", action=_UseFp16, dest="precision", default=argparse.SUPPRESS,
                    **BOOL,
                    help="The published flag, an alias: True = --precision auto, False = "
@@ -504,12 +502,7 @@ class Step:
 
 
 def build_step(args, device: torch.device, rank: int) -> Step:
-    dtype = utils.amp_dtype(args.precision, device)
-    # process-wide: what fp32 matrix products may use (fp32 keeps PyTorch's default), and
-    # cuDNN's autotuner, worth it since the crop sizes are fixed
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    dtype = utils.set_precision(args.precision, device)
     return Step(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                 BatchIntensityAugment(not args.aug_per_volume) if args.augment_on == "device" else None,
                 torch.Generator(device=device),

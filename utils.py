@@ -409,14 +409,18 @@ def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
 
 
 
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `--precision` on `device` (None = no autocast: fp32, tf32)."""
+def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Apply `--precision` on `device`; returns the autocast dtype (None = no autocast:
+    fp32, tf32). Process-wide: TF32 for fp32 matrix products with tf32 only (fp32 keeps
+    PyTorch's defaults), and cuDNN's autotuner on CUDA (the crop sizes are fixed)."""
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if precision == "auto":
         if device.type != "cuda":
             return None
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
 
 
 def gather_rng_states() -> list[dict]:
