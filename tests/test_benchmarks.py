@@ -42,3 +42,24 @@ def test_bench_train_times_each_norm_route_through_the_trainer(tmp_path, capsys)
     assert all(float(r["median_ms"]) > 0 and r["mfu"] == "n/a" for r in rows)
     assert "tf32: skipped (TF32 is a GPU mode)" in capsys.readouterr().out
     assert InstanceNorm3d.impl == "auto"
+
+
+def test_bench_epoch_rows_for_each_format_and_the_published_augmentation(capsys):
+    import bench_epoch
+    common = ["--device", "cpu", "--arch", "res3d10", "--out_dim", "64", "--batch", "1",
+              "--files", "2", "--shape", "24", "56", "56", "--num_workers", "0", "--warmup", "1",
+              "--iters", "2", "--threads", "1"]
+    bench_epoch.main(common + ["--format", "npy", "nii.gz"])
+    bench_epoch.main(common + ["--format", "b2nd", "--augment_on", "cpu"])
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in out.splitlines() if r.startswith("| ")]
+    rows = [r for r in rows if r[0] != "format"]
+    assert [(r[0], r[2]) for r in rows] == [
+        ("(cached batch)", "step only"), ("npy", "loader only"), ("npy", "end to end"),
+        ("nii.gz", "loader only"), ("nii.gz", "end to end"),
+        ("(cached batch)", "step only"), ("b2nd", "loader only"), ("b2nd", "end to end")]
+    for r in rows:
+        assert float(r[5]) > 0  # wall samples/s
+        if r[2] == "loader only":
+            assert r[3] == r[4] == "-"  # no median for prefetched batches
+    assert "augmentation on cpu" in out and "augmentation on device" in out
