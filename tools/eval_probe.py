@@ -352,7 +352,7 @@ def compare(summary: dict, metrics: Sequence[str]) -> list[dict]:
 
 def format_tables(results: dict) -> str:
     """One table per summary metric: rows the groups, columns the stages (mean ± std);
-    then the comparisons with the first group."""
+    then the comparisons of every group with each group before it."""
     lines = []
     for m in results["summary_metrics"]:
         lines += ["", f"{m} (mean ± std over checkpoints x {len(results['settings']['probe_seeds'])} "
