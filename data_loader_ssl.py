@@ -33,7 +33,6 @@ Typical use::
 
 from __future__ import annotations
 
-import gzip
 import mmap
 import os
 from dataclasses import dataclass
@@ -46,11 +45,6 @@ from scipy.ndimage import gaussian_filter
 
 import volume_io
 from models.contract import HU_SCALE
-
-try:  # ISA-L's gzip decoder is about 2x faster than zlib's on CT sub-volumes (bench_loader.py).
-    from isal import igzip as _igzip
-except ImportError:  # pragma: no cover - optional dependency
-    _igzip = None
 
 __all__ = [
     "IntensityParams",
@@ -84,13 +78,6 @@ STD_EPS = 1e-8  # batchgenerators: v / (std + 1e-8) * sd when retaining stats
 
 
 # --------------------------------------------------------------------------- reading
-
-def _decompress_gzip(raw: bytes) -> bytes:
-    """Full gzip decompression with CRC and length check (a truncated file raises)."""
-    if _igzip is not None:
-        return _igzip.decompress(raw)
-    return gzip.decompress(raw)
-
 
 def _as_stored(data: np.ndarray, slope, inter) -> np.ndarray:
     """Voxels as stored; a real scaling (slope not 1 or an offset) is applied in float32."""
@@ -150,7 +137,7 @@ def load_subvolume(path: str) -> np.ndarray:
             data = data.reshape(shape, order="F" if fortran else "C")
         elif suffix == ".nii.gz":
             with open(path, "rb") as f:
-                data = _nifti_voxels(_decompress_gzip(f.read()), path)
+                data = _nifti_voxels(volume_io.gunzip(f.read()), path)
         elif suffix == ".nii":
             data = _nifti_voxels(_map_file(path), path)
         elif suffix == ".b2nd":
@@ -260,9 +247,7 @@ def make_views(
     x0 = int(rng.integers(0, px - bh + 1))
     y0 = int(rng.integers(0, py - bw + 1))
     base = src.window(slice(x0, min(x0 + bh, nx)), slice(y0, min(y0 + bw, ny)), slice(None))
-    mx, my, mz = bh - base.shape[0], bw - base.shape[1], pz - nz
-    if mx or my or mz:
-        base = np.pad(base, ((0, mx), (0, my), (mz // 2, mz - mz // 2)), mode="constant")
+    base = pad_volume(base, (pz, bh, bw))  # the padded volume's window
     specs = [(global_crop_size, GLOBAL_SCALE)] * 2 + [(local_crop_size, LOCAL_SCALE)] * local_crops_number
     return [_one_view(base, size, scale, rng) for size, scale in specs]
 

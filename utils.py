@@ -408,7 +408,6 @@ def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
     return warns
 
 
-
 def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Apply `--precision` on `device`; returns the autocast dtype (None = no autocast:
     fp32, tf32). Process-wide: TF32 for fp32 matrix products with tf32 only (fp32 keeps
@@ -432,11 +431,11 @@ def gather_rng_states() -> list[dict]:
     return states
 
 
-
-def adapt_published_checkpoint(ckpt: dict, deep_stage_of_width: dict[int, int],
+def adapt_published_checkpoint(ckpt: dict, widths: dict[int, int],
                                optimizer: torch.optim.Optimizer) -> list[str]:
     """Map a training checkpoint of the published release onto this trainer's names, in
-    place; returns what was changed, for the log.
+    place; returns what was changed, for the log. `widths` maps the input width of each of
+    this run's deep heads to its stage.
 
     The release named the student's deep heads `head_1..head_3` and kept an extra
     `loss_center` buffer in its loss. Deep heads are matched to stages by their input
@@ -446,7 +445,6 @@ def adapt_published_checkpoint(ckpt: dict, deep_stage_of_width: dict[int, int],
     """
     notes = []
     state = {k.removeprefix("module."): v for k, v in ckpt["student"].items()}
-    widths = deep_stage_of_width
     heads = sorted({k.split(".", 1)[0] for k in state if k.startswith("head_")})
     for head in heads:
         k = widths.get(state[f"{head}.mlp.0.weight"].shape[1])
@@ -475,14 +473,12 @@ def adapt_published_checkpoint(ckpt: dict, deep_stage_of_width: dict[int, int],
     return notes
 
 
-
 def all_finite(*modules: nn.Module) -> bool:
     """True when every parameter of `modules` is finite on every process (one fused norm,
     one all-reduce, one host sync: call once per epoch)."""
     params = [p.detach() for m in modules for p in m.parameters()]
     ok = torch.stack(torch._foreach_norm(params)).isfinite().all().to(torch.int32)
     return bool(all_reduce_(ok, dist.ReduceOp.MIN if is_dist() else None))
-
 
 
 def to_device(loader, device: torch.device):

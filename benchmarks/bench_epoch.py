@@ -25,6 +25,7 @@ cache: disk speed is not measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -79,11 +80,7 @@ def write_volumes(folder: str, n: int, fmt: str, shape) -> list[str]:
     """`n` phantom sub-volumes in `fmt`, written as stage 3 writes them. Where SimpleITK is
     missing (a bare GPU machine) NIfTI files are written by nibabel instead (gzip level 1,
     like stage 3's default): the same bytes to decode, so the reading side timed is the same."""
-    try:
-        import SimpleITK  # noqa: F401
-        sitk_missing = False
-    except ImportError:
-        sitk_missing = True
+    sitk_missing = importlib.util.find_spec("SimpleITK") is None
     names = []
     for k in range(n):
         hu, _ = phantom(tuple(shape), (1.0, 1.0, 1.0), np.random.default_rng(k))

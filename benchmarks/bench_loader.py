@@ -30,6 +30,7 @@ disk speed is not measured.
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import statistics
 import sys
@@ -123,12 +124,12 @@ def main(argv=None):
                            idx, args.rounds)
         worker = interleaved({f: (lambda i, f=f: dl.make_views(dl.open_subvolume(paths[f][i]), rng))
                               for f in FORMATS}, idx, args.rounds)
-        saved, dl._igzip = dl._igzip, None
+        saved, volume_io._gzip = volume_io._gzip, gzip  # zlib's decoder
         try:
             zlib_worker = interleaved({"zlib": lambda i: dl.make_views(
                 dl.open_subvolume(paths["nii.gz"][i]), rng)}, idx, args.rounds)["zlib"]
         finally:
-            dl._igzip = saved
+            volume_io._gzip = saved
         published = interleaved({"p": lambda i: nib.load(paths["nii.gz"][i]).get_fdata()}, idx,
                                 args.rounds)["p"]
         views = dl.make_views(tiles[0].transpose(2, 1, 0), rng)

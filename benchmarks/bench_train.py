@@ -94,10 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--force_cpu_bf16", action="store_true",
                    help="Time bf16 on a CPU without native bf16 (very slow: minutes per step).")
     p.add_argument("--norm_impl", nargs="+", default=["auto"],
-                   choices=["auto", "group_norm", "reference", "manual"],
+                   choices=["auto", "group_norm", "reference"],
                    help="How models.res3d.InstanceNorm3d computes (same function): auto (the "
                         "default: group_norm without autocast, reference with it), group_norm, "
-                        "reference (PyTorch's own instance norm), manual.")
+                        "reference (PyTorch's own instance norm).")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="After timing each variant, profile N more steps with torch.profiler and "
                         "print the operators and kernels that take the most device time.")

@@ -41,8 +41,7 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     84.8 ms (`benchmarks/bench_norm.py`, `bench_train.py --norm_impl`). Under bf16
     autocast group norm is computed in float32 (autocast's rule) and the step was no
     faster (93.8 vs 95.3 ms), so `impl = "auto"` takes group norm without autocast and
-    PyTorch's route with it. `"reference"` and `"group_norm"` force a route; `"manual"`
-    (var_mean in float32 and one addcmul) was slower in both and is kept for the benchmark.
+    PyTorch's route with it. `"reference"` and `"group_norm"` force a route.
     """
     impl = "auto"
 
@@ -52,11 +51,7 @@ class InstanceNorm3d(nn.InstanceNorm3d):
             impl = "reference" if _autocast_on(x.device.type) else "group_norm"
         if impl == "reference" or not self.affine or self.track_running_stats or x.dim() != 5:
             return super().forward(x)
-        if impl == "group_norm":
-            return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
-        var, mean = torch.var_mean(x.float(), dim=(2, 3, 4), keepdim=True, correction=0)
-        scale = self.weight.view(1, -1, 1, 1, 1) * torch.rsqrt(var + self.eps)
-        return torch.addcmul(self.bias.view(1, -1, 1, 1, 1) - mean * scale, x, scale)
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
 
 def _norm(name: str) -> Callable[[int], nn.Module]:

@@ -22,12 +22,11 @@ def test_bench_norm_checks_every_route_against_pytorch(capsys):
     bench_norm.main(["--device", "cpu", "--arch", "res3d10", "--batch", "1", "--crop", "16", "48",
                      "48", "--reps", "1", "--warmup", "0"])
     out = capsys.readouterr().out
-    errs = dict(re.findall(r"(reference|group_norm|manual) ([0-9.e+-]+)", out.split("\n")[2]))
+    errs = dict(re.findall(r"(reference|group_norm) ([0-9.e+-]+)", out.split("\n")[2]))
     assert float(errs["reference"]) == 0.0
     assert float(errs["group_norm"]) < 1e-12  # float64 throughout
-    assert float(errs["manual"]) < 1e-6  # statistics in float32
     row = [r for r in out.splitlines() if r.startswith("| fp32 | off |")]
-    assert len(row) == 1 and all(float(v) > 0 for v in row[0].split("|")[3:6])
+    assert len(row) == 1 and all(float(v) > 0 for v in row[0].split("|")[3:5])
     assert InstanceNorm3d.impl == "auto"
 
 

@@ -77,7 +77,7 @@ def test_published_norm_act_and_no_bias():
     assert model.conv1.stride == (1, 2, 2) and model.conv1.padding == (3, 3, 3)
 
 
-@pytest.mark.parametrize("impl", ["auto", "group_norm", "manual"])
+@pytest.mark.parametrize("impl", ["auto", "group_norm"])
 def test_instance_norm_routes_compute_pytorchs_instance_norm(impl):
     """Every route of models.res3d.InstanceNorm3d is nn.InstanceNorm3d(affine=True): the
     output and all three gradients, in float64 and float32, with the same state dict."""
