@@ -5,7 +5,7 @@
 
 Every series folder ``PPPPPP_SS_SS`` of ``--png_dir`` holds slices ``NNN.png``; only
 runs of contiguous slice indices were released, so each run becomes one volume
-``{series}_{first:03d}-{last:03d}.nii.gz`` (SPEC.md section 1): int16 HU
+``{series}_{first:03d}-{last:03d}.nii.gz`` (docs/method.md §1): int16 HU
 (PNG value - 32768), array ``(rows, cols, slices)``, the dataset demo's affine
 ``[[0, -sy, 0], [-sx, 0, 0], [0, 0, -sz]]`` with ``Spacing_mm_px_`` ("sx, sy, sz") from
 the series' first row of ``DL_info.csv``. Existing outputs are skipped (``--overwrite``
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import volume_io
+from common import atomic, stages
 
 PNG_OFFSET = 32768
 # No CT has voxels this large; a spacing beyond it is a typo in DL_info.csv, refused
@@ -51,7 +52,7 @@ def volume_name(series, first, last):
 
 
 def deeplesion_affine(spacing_xyz):
-    """The dataset demo's affine for spacing ``(sx, sy, sz)`` (SPEC.md section 1)."""
+    """The dataset demo's affine for spacing ``(sx, sy, sz)`` (docs/method.md §1)."""
     sx, sy, sz = (float(s) for s in spacing_xyz)
     return np.array([[0, -sy, 0, 0],
                      [-sx, 0, 0, 0],
@@ -139,7 +140,7 @@ def convert_run(png_paths, spacing_xyz, out_path, overwrite=False):
 
     out_path = Path(out_path)
     if not overwrite and volume_io.output_complete(out_path):
-        return volume_io.SKIPPED
+        return stages.SKIPPED
     slices = []
     for p in png_paths:
         arr = read_png(p)
@@ -151,9 +152,9 @@ def convert_run(png_paths, spacing_xyz, out_path, overwrite=False):
     img = nib.Nifti1Image(png_to_hu(slices), deeplesion_affine(spacing_xyz))
     img.header.set_data_dtype(np.int16)
     img.header.set_slope_inter(1.0, 0.0)
-    with volume_io.atomic_output(out_path, volume_io.verify_volume_file) as tmp:
+    with atomic.atomic_output(out_path, volume_io.verify_volume_file) as tmp:
         nib.save(img, str(tmp))
-    return volume_io.DONE
+    return stages.DONE
 
 
 def plan(png_dir, spacing_by_series, out_dir, overwrite=False):
@@ -196,7 +197,7 @@ def get_args_parser():
                         "Spacing_mm_px_ are used).")
     p.add_argument("--output_dir", "--out_dir", default="Images_nifti",
                    help="Folder for the NIfTI volumes (created).")
-    volume_io.add_batch_args(p)
+    stages.add_batch_args(p)
     return p
 
 
@@ -212,12 +213,12 @@ def main(argv=None):
         print(f"DL_save_nifti: cannot read {args.info_csv}: {e}", file=sys.stderr)
         return 1
     out_dir.mkdir(parents=True, exist_ok=True)
-    volume_io.remove_stale_temps(out_dir)
+    atomic.remove_stale_temps(out_dir)
     tasks, failures = plan(png_dir, spacing, out_dir, args.overwrite)
     if not tasks and not failures:
         print(f"DL_save_nifti: no series folders in {png_dir}", file=sys.stderr)
         return 1
-    return volume_io.run_tasks(convert_run, tasks, args.num_workers, "DL_save_nifti",
+    return stages.run_tasks(convert_run, tasks, args.num_workers, "DL_save_nifti",
                                out_dir / "DL_save_nifti_failures.txt", bad_rows + failures)
 
 

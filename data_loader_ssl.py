@@ -1,15 +1,15 @@
 """The DeSD pre-training dataset: reading sub-volumes, making views, intensity augmentation.
 
-SPEC.md §4. One sample is the list ``[global1, global2, local1, ...]`` of float32 tensors
-shaped ``(1, D, H, W)``. The work is split in three parts so that each can run where it
-is cheapest:
+docs/method.md §4. One sample is the list ``[global1, global2, local1, ...]`` of float32
+tensors shaped ``(1, D, H, W)``. The work is split in three parts so that each can run
+where it is cheapest:
 
 * reading (:func:`open_subvolume`): int16 voxels as stored, from ``.nii.gz``, ``.nii``,
   ``.npy`` or ``.b2nd`` (chunked: only the base crop's chunks are decoded); never
   through float64;
 * geometry (:func:`make_views`): pad, base crop, per-view crop, flips, bilinear in-plane
   resize; it crops the int16 array first and converts only the crop to float32;
-* intensity (SPEC §4.5): either in the DataLoader worker with NumPy/SciPy
+* intensity (docs/method.md §4.5): either in the DataLoader worker with NumPy/SciPy
   (:func:`augment_view_numpy`, ``augment_on="cpu"``, as the release did through
   batchgenerators) or batched on the training device (:class:`BatchIntensityAugment`,
   ``augment_on="device"``). Both are the same random transform.
@@ -17,7 +17,7 @@ is cheapest:
 Randomness: every draw for sample ``i`` comes from
 ``np.random.default_rng([seed, rank, epoch, i])``, so views do not depend on the number
 of workers or their order, differ across ranks and epochs (the release seeded every
-rank alike, SPEC §7), and a resumed run reproduces them exactly.
+rank alike, docs/method.md §7), and a resumed run reproduces them exactly.
 
 Typical use::
 
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 import volume_io
+from common import listfile
 from models.contract import HU_SCALE
 
 __all__ = [
@@ -60,7 +61,7 @@ __all__ = [
     "DeepLesionSSL",
 ]
 
-# Paper constants (SPEC §4).
+# Paper constants (docs/method.md §4).
 BASE_SCALE = (1.4, 1.8)
 GLOBAL_SCALE = (0.8, 1.2)
 LOCAL_SCALE = (1.5, 2.0)
@@ -231,7 +232,8 @@ def make_views(
     local_crop_size: Sequence[int] = (16, 48, 48),
     local_crops_number: int = 0,
 ) -> list[torch.Tensor]:
-    """SPEC §4 steps 1-4 on an ``(x, y, z)`` volume: float32 views ``(1, D, H, W)`` in HU/1024.
+    """docs/method.md §4 steps 1-4 on an ``(x, y, z)`` volume: float32 views ``(1, D, H, W)``
+    in HU/1024.
 
     ``vol`` is an array or a reader (``open_subvolume``). The base crop (full depth,
     in-plane ``H·s``, s ~ U(1.4, 1.8)) is drawn from the shape alone, then only its window
@@ -256,7 +258,8 @@ def make_views(
 
 @dataclass(frozen=True)
 class IntensityParams:
-    """Per-view-type probabilities of SPEC §4.5 (noise and contrast are always applied)."""
+    """Per-view-type probabilities of docs/method.md §4.5 (noise and contrast are always
+    applied)."""
 
     blur_p_sample: float
     blur_p_slice: float
@@ -290,7 +293,8 @@ def augment_view_numpy(
     rng: np.random.Generator,
     per_slice: bool = True,
 ) -> np.ndarray:
-    """SPEC §4.5 on one view ``(D, H, W)`` float32, as the release ran it (batchgenerators).
+    """docs/method.md §4.5 on one view ``(D, H, W)`` float32, as the release ran it
+    (batchgenerators).
 
     Order: noise, blur, multiplicative brightness, additive brightness, contrast, gamma.
     ``per_slice=True`` is the release's quirk: the depth slices were the library's
@@ -405,7 +409,8 @@ def _std_mean(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class BatchIntensityAugment:
-    """SPEC §4.5 as vectorised tensor operations over a whole batch, on the batch's device.
+    """docs/method.md §4.5 as vectorised tensor operations over a whole batch, on the
+    batch's device.
 
     ``aug(views, generator)``: ``views[k]`` is the batched view k, shape (B, 1, D, H, W)
     (k = 0 global 1, k = 1 global 2, k >= 2 local views); every random draw comes from
@@ -487,7 +492,7 @@ class BatchIntensityAugment:
 
 def retrieval_pairs(paths: Sequence[str], crop_size: Sequence[int] = (16, 96, 96), seed: int = 0,
                     per_slice: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two views of every sub-volume for the view-retrieval signal (`utils.view_retrieval`):
+    """Two views of every sub-volume for the view-retrieval signal (`common.retrieval.view_retrieval`):
     one global view made as in training (base crop, crop, flips, resize) and two
     independent draws of the training's intensity augmentation on it (the view-1 and
     view-2 parameters). Deterministic: sample i draws from ``default_rng([seed, i])``.
@@ -514,7 +519,7 @@ class DeepLesionSSL(torch.utils.data.Dataset):
 
     Args:
         list_file: one sub-volume per line (``.nii.gz``, ``.nii`` or ``.npy``), each
-            relative to the list file's folder (``volume_io.read_list_file``).
+            relative to the list file's folder (``listfile.read_list_file``).
         global_crop_size: (D, H, W) of the two global views; the volume is padded to it.
         local_crop_size: (D, H, W) of the local views (not larger than the global size).
         local_crops_number: number of local views (0 in the published run).
@@ -546,7 +551,7 @@ class DeepLesionSSL(torch.utils.data.Dataset):
                 f"local crop size {self.local_crop_size} must not exceed the global crop size "
                 f"{self.global_crop_size} in any dimension"
             )
-        self.paths = volume_io.read_list_file(list_file)
+        self.paths = listfile.read_list_file(list_file)
         self.local_crops_number = int(local_crops_number)
         self.augment_on = augment_on
         self.per_slice = per_slice

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import utils
-import volume_io
+from common import atomic
+from common.cases import add_labelled_data_args, crop_pad, labelled_data, random_patch, split_cases
 from models import ARCHS, HU_MIN, ResUNet3D, build_backbone, hu_to_input, load_pretrained_encoder
-from volume_io import float_in, int_at_least
+from common.cli import float_in, int_at_least
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -75,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "results.json go")
     p.add_argument("--seed", default=0, type=int,
                    help="seed for the network, the synthetic set and the patches (runs repeat)")
-    volume_io.add_labelled_data_args(p, patch_size=(32, 64, 64), synthetic_size=64,
+    add_labelled_data_args(p, patch_size=(32, 64, 64), synthetic_size=64,
                                      fg_fraction=0.5)
     utils.add_device_args(p)
     return p
@@ -84,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- data
 def patch_batch(cases, args, rng: np.random.Generator, device: torch.device):
     """`batch_size` random patches: (input [B, 1, D, H, W], labels [B, D, H, W])."""
-    patches = [volume_io.random_patch(cases[rng.integers(len(cases))], args.patch_size,
+    patches = [random_patch(cases[rng.integers(len(cases))], args.patch_size,
                                       args.fg_fraction, HU_MIN, rng)
                for _ in range(args.batch_size)]
     x = torch.stack([hu_to_input(torch.from_numpy(img)) for img, _ in patches])[:, None]
@@ -119,7 +120,7 @@ def predict_volume(net: nn.Module, hu: np.ndarray, patch: Sequence[int], num_cla
                    device: torch.device, overlap: float = 0.5) -> np.ndarray:
     """Sliding-window segmentation (softmax averaged where windows overlap)."""
     shape = hu.shape
-    padded = volume_io.crop_pad(np.asarray(hu), (0, 0, 0),
+    padded = crop_pad(np.asarray(hu), (0, 0, 0),
                                 [max(n, p) for n, p in zip(shape, patch)], HU_MIN)
     starts = [sorted(set(range(0, n - p, max(1, int(p * (1 - overlap))))) | {n - p})
               for n, p in zip(padded.shape, patch)]
@@ -179,8 +180,8 @@ def run(args) -> dict:
         print("no --pretrained: training from scratch")
 
     # ---------------------------------------------------------------- data
-    data_dir, cases, names = volume_io.labelled_data(args, out_dir)
-    train_cases, val_cases = volume_io.split_cases(cases, args.val_fraction)
+    data_dir, cases, names = labelled_data(args, out_dir)
+    train_cases, val_cases = split_cases(cases, args.val_fraction)
     num_classes = len(names)
     print(f"{len(train_cases)} training and {len(val_cases)} held-out cases "
           f"({', '.join(c.name for c in val_cases)}); {num_classes} classes: {', '.join(names)}")
@@ -217,9 +218,9 @@ def run(args) -> dict:
     results = {"dice": overall, "dice_per_class": dict(zip(names[1:], per_class)),
                "pretrained": args.pretrained, "arch": args.arch, "epochs": args.epochs,
                "seed": args.seed, "held_out": [c.name for c in val_cases]}
-    with volume_io.atomic_write(out_dir / "finetuned_model.pth") as f:
+    with atomic.atomic_write(out_dir / "finetuned_model.pth") as f:
         torch.save(net.state_dict(), f)
-    volume_io.write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic.write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     print(f"model and results.json written to {out_dir}")
     return results
 

@@ -18,7 +18,6 @@ import itertools
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import utils
-import volume_io
+from common import atomic, checkpoints, listfile
+from common.cli import BOOL, float_in, int_at_least
+from common.retrieval import retrieval_by_stage
 from data_loader_ssl import BatchIntensityAugment, DeepLesionSSL, retrieval_pairs
 from models import ARCHS, DINOHead, ResNet3D, build_backbone, save_backbone
-from volume_io import BOOL, float_in, int_at_least
+from utils import NonFinite
 
 NUM_STAGES = 4
 STAGES = tuple(range(1, NUM_STAGES + 1))
@@ -258,15 +259,23 @@ def build_network(args, deep_stages: list[int]) -> MultiStageNet:
 
 @dataclass
 class Nets:
-    """`student`/`teacher`: the plain modules (checkpoints, EMA); `student_ddp`: what gets
-    gradients (DDP with several processes); `student_fwd`/`teacher_fwd`: what is called
-    (compiled or not)."""
+    """The two networks: `student`/`teacher` are the plain modules (checkpoints, EMA,
+    clipping); `student_fwd`/`teacher_fwd` are what the step calls (DDP with several
+    processes, compiled with --compile), the same modules underneath."""
     student: MultiStageNet
     teacher: MultiStageNet
-    student_ddp: nn.Module
     student_fwd: nn.Module
     teacher_fwd: nn.Module
-    ema: utils.TeacherEMA
+
+    def __post_init__(self):
+        self._ema = utils.TeacherEMA(self.student, self.teacher)
+
+    def train(self) -> None:
+        self.student_fwd.train()
+        self.teacher.train()
+
+    def update_teacher(self, momentum: float) -> None:
+        self._ema.update(momentum)
 
 
 def build_models(args, device: torch.device, world: int = 1) -> Nets:
@@ -297,8 +306,7 @@ def build_models(args, device: torch.device, world: int = 1) -> Nets:
         for t in [*teacher.parameters(), *teacher.buffers()]:
             torch.distributed.broadcast(t.data, src=0)
     compile_ = torch.compile if args.compile else (lambda m: m)
-    return Nets(student, teacher, student_ddp, compile_(student_ddp), compile_(teacher),
-                utils.TeacherEMA(student, teacher))
+    return Nets(student, teacher, compile_(student_ddp), compile_(teacher))
 
 
 def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
@@ -428,6 +436,14 @@ class Schedules:
     momentum: np.ndarray
     niter: int
 
+    def apply(self, optimizer: torch.optim.Optimizer, it: int) -> None:
+        """Set iteration `it`'s learning rate on every group and its weight decay on the
+        regularised group (the first; see `utils.get_params_groups`)."""
+        for j, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(self.lr[it])
+            if j == 0:
+                group["weight_decay"] = float(self.wd[it])
+
     def at_end_of(self, epoch: int) -> dict[str, float]:
         it = (epoch + 1) * self.niter - 1
         return {"lr": float(self.lr[it]), "wd": float(self.wd[it]),
@@ -446,138 +462,37 @@ def build_schedules(args, niter: int, world: int) -> Schedules:
         niter=niter)
 
 
-# ============================================================================ checkpoints
-
-def resume(path: Path, nets: Nets, optimizer, loss_fn: DeSDLoss, scaler, rank: int,
-           world: int) -> tuple[int, list[dict]]:
-    """Load `path` (or its `_prev` copy) into everything; returns (next epoch, the log rows
-    of the epochs before it)."""
-    ckpt, source = utils.load_checkpoint_with_fallback(path)
-    if ckpt is None:
-        return 0, []
-    if any(k.removeprefix("module.").startswith("head_") for k in ckpt["student"]):
-        widths = {nets.student.backbone.stage_channels[k - 1]: k for k in nets.student.deep_stages}
-        for note in utils.adapt_published_checkpoint(ckpt, widths, optimizer):
-            utils.print_rank0(f"resume: {note}")
-    for net, key in ((nets.student, "student"), (nets.teacher, "teacher")):
-        net.load_state_dict({k.removeprefix("module."): v for k, v in ckpt[key].items()})
-    if "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    loss_fn.load_state_dict(ckpt["desd_loss"])
-    if "fp16_scaler" in ckpt and scaler.is_enabled():
-        scaler.load_state_dict(ckpt["fp16_scaler"])
-    rng = ckpt.get("rng")
-    if rng and len(rng) == world:
-        utils.set_rng_state(rng[rank])
-    epoch = int(ckpt["epoch"])
-    utils.print_rank0(f"resumed from {source} at epoch {epoch}")
-    if "log" in ckpt:
-        return epoch, list(ckpt["log"])
-    # a checkpoint without its log (the release's, or older): keep log.txt's earlier epochs
-    old = path.parent / "log.txt"
-    return epoch, [r for r in (utils.read_log(old) if old.is_file() else []) if r["epoch"] < epoch]
-
-
 # ============================================================================ training
 
-class NonFinite(RuntimeError):
-    """The loss or the weights became NaN/inf."""
-
-
-@dataclass
-class Step:
-    """What a training step needs besides the networks, the optimiser and the schedules."""
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-    augment: BatchIntensityAugment | None
-    aug_gen: torch.Generator
-    memory_format: torch.memory_format
-    seed: int
-    rank: int
-    clip_grad: float
-    freeze_last_layer: int
-    print_freq: int
-    batch_size: int
-
-
-def build_step(args, device: torch.device, rank: int) -> Step:
-    dtype = utils.set_precision(args.precision, device)
-    return Step(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                BatchIntensityAugment(not args.aug_per_volume) if args.augment_on == "device" else None,
-                torch.Generator(device=device),
-                torch.channels_last_3d if args.channels_last and device.type == "cuda"
-                else torch.contiguous_format,
-                args.seed, rank, args.clip_grad, args.freeze_last_layer, args.print_freq,
-                args.batch_size_per_gpu)
+def build_step(args, device: torch.device, rank: int) -> utils.StepRunner:
+    augment = BatchIntensityAugment(not args.aug_per_volume) if args.augment_on == "device" else None
+    return utils.StepRunner(args, device, rank, augment)
 
 
 def train_one_epoch(epoch: int, nets: Nets, schedules: Schedules, loader, optimizer,
-                    loss_fn: DeSDLoss, step: Step) -> dict[str, float]:
+                    loss_fn: DeSDLoss, step: utils.StepRunner) -> dict[str, float]:
     """One epoch; returns the epoch means of every named loss term and statistic, averaged
-    over all processes. Losses stay on the device and are read every `print_freq` steps."""
-    nets.student_ddp.train()
-    nets.teacher.train()
-    niter, dev = schedules.niter, step.device
-    sums: dict[str, torch.Tensor] = {}
-    first_bad = torch.full((), -1, dtype=torch.long, device=dev)
-    autocast = torch.autocast(dev.type, dtype=step.amp_dtype) if step.amp_dtype else nullcontext()
-    t_last, done_since = time.time(), 0
-    for i, views in enumerate(utils.to_device(loader, dev)):
-        if i >= niter:
+    over all processes. Values stay on the device and are read every `print_freq` steps."""
+    nets.train()
+    meter = utils.Meter(schedules.niter, step.print_freq,
+                        step.batch_size * utils.get_world_size(), step.device)
+    for i, views in enumerate(utils.to_device(loader, step.device)):
+        if i == schedules.niter:  # asked once more: bench_train stamps the last step's end
             break
-        it = epoch * niter + i
-        for j, group in enumerate(optimizer.param_groups):
-            group["lr"] = float(schedules.lr[it])
-            if j == 0:  # only the regularised group gets weight decay
-                group["weight_decay"] = float(schedules.wd[it])
-        if step.augment is not None:
-            step.aug_gen.manual_seed(utils.sub_seed(step.seed, step.rank, epoch, i))
-            with torch.no_grad():
-                views = step.augment(views, step.aug_gen)
-        views = [v.contiguous(memory_format=step.memory_format) for v in views]
+        it = epoch * schedules.niter + i
+        schedules.apply(optimizer, it)
+        views = step.views(views, epoch, i)
 
-        with autocast:
+        with step.autocast():
             teacher_out = nets.teacher_fwd(views[:2])[-1]
             student_out = nets.student_fwd(views)
             terms = loss_fn.terms(student_out, teacher_out, epoch)
-        loss = terms["total_loss"]
-        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0),
-                                torch.full_like(first_bad, i), first_bad)
+        step.backward(terms["total_loss"], optimizer, nets.student, epoch)
+        nets.update_teacher(float(schedules.momentum[it]))
 
-        optimizer.zero_grad(set_to_none=True)
-        step.scaler.scale(loss).backward()
-        if step.clip_grad:
-            step.scaler.unscale_(optimizer)
-            utils.clip_gradients(nets.student, step.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, nets.student, step.freeze_last_layer)
-        step.scaler.step(optimizer)
-        step.scaler.update()
-        nets.ema.update(float(schedules.momentum[it]))
-
-        for k, v in terms.items():
-            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-        done_since += 1
-        if (i + 1) % step.print_freq == 0 or i + 1 == niter:
-            # host sync: once per print interval, agreed by all processes
-            bad_at = int(utils.all_reduce_(first_bad.clone(), torch.distributed.ReduceOp.MAX
-                                           if utils.is_dist() else None).item())
-            if bad_at >= 0:
-                raise NonFinite(f"non-finite loss at epoch {epoch}, iteration {bad_at} (on at "
-                                f"least one process); training stopped, the last good "
-                                f"checkpoint is left untouched")
-            if step.rank == 0:
-                now = time.time()
-                rate = done_since * step.batch_size * utils.get_world_size() / max(now - t_last, 1e-9)
-                print(f"epoch {epoch} [{i + 1}/{niter}] loss {sums['total_loss'].item() / (i + 1):.4f} "
-                      f"lr {schedules.lr[it]:.3g} wd {schedules.wd[it]:.3g} {rate:.1f} samples/s",
-                      flush=True)
-                t_last, done_since = now, 0
-
-    names = sorted(sums)  # the same on every process
-    means = utils.all_reduce_(torch.stack([sums[k] for k in names]))
-    means = (means / (niter * utils.get_world_size())).tolist()
-    return {f"train_{k}": v for k, v in zip(names, means)}
+        meter.update(i, terms)
+        meter.maybe_report(epoch, i, float(schedules.lr[it]), float(schedules.wd[it]))
+    return meter.means()
 
 
 def train(args) -> None:
@@ -586,7 +501,7 @@ def train(args) -> None:
     out_dir = Path(args.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        volume_io.remove_stale_temps(out_dir)  # of a run killed while saving
+        atomic.remove_stale_temps(out_dir)  # of a run killed while saving
     step = build_step(args, device, rank)
     utils.print_rank0(f"DeSD: {world} process(es) on {device}, precision "
                       f"{step.amp_dtype or torch.float32}; arguments:\n"
@@ -605,10 +520,10 @@ def train(args) -> None:
 
     retrieval = None
     if args.retrieval_list and rank == 0:  # a label-free learning signal, on rank 0
-        held_out = volume_io.read_list_file(Path(args.data_path) / args.retrieval_list)
+        held_out = listfile.read_list_file(Path(args.data_path) / args.retrieval_list)
         retrieval = retrieval_pairs(held_out[:args.retrieval_n], args.global_crop_size,
                                     args.seed, per_slice=not args.aug_per_volume)
-        print("view retrieval of the initial teacher:", utils.retrieval_by_stage(
+        print("view retrieval of the initial teacher:", retrieval_by_stage(
             nets.teacher.backbone, retrieval, device), flush=True)
 
     # ------------------------------------------------------------------ loss, optimiser, schedules
@@ -618,7 +533,15 @@ def train(args) -> None:
 
     # ------------------------------------------------------------------ resume
     ckpt_path = out_dir / "checkpoint.pth"
-    start_epoch, log = resume(ckpt_path, nets, optimizer, loss_fn, step.scaler, rank, world)
+    ckpt, source = checkpoints.load_checkpoint_with_fallback(ckpt_path)
+    start_epoch, log = 0, []
+    if ckpt is not None:
+        checkpoints.load_state(ckpt, nets, optimizer, loss_fn, step.scaler)
+        if len(ckpt.get("rng") or []) == world:
+            utils.set_rng_state(ckpt["rng"][rank])
+        start_epoch, log = int(ckpt["epoch"]), checkpoints.earlier_log(ckpt, out_dir)
+        utils.print_rank0(f"resumed from {source} at epoch {start_epoch}")
+        del ckpt
     run_log = utils.RunLog(out_dir, args.out_dim, args.tensorboard) if rank == 0 else None
     if run_log and start_epoch:
         run_log.rewrite(log)
@@ -638,19 +561,13 @@ def train(args) -> None:
                "ln_out_dim": math.log(args.out_dim), "seconds": round(seconds, 2),
                "samples_per_s": round(niter * args.batch_size_per_gpu * world / seconds, 2)}
         if retrieval is not None:
-            row |= utils.retrieval_by_stage(nets.teacher.backbone, retrieval, device)
+            row |= retrieval_by_stage(nets.teacher.backbone, retrieval, device)
         log.append(row)
-        save = {net: {"module." + k: v for k, v in getattr(nets, net).state_dict().items()}
-                for net in ("student", "teacher")}  # names as in the released checkpoint
-        save |= {"optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "args": utils.plain(vars(args)), "desd_loss": loss_fn.state_dict(),
-                 "rng": utils.gather_rng_states(), "log": log}
-        if step.scaler.is_enabled():
-            save["fp16_scaler"] = step.scaler.state_dict()
+        save = checkpoints.checkpoint_state(args, nets, optimizer, loss_fn, step.scaler, epoch, log)
         if run_log:
-            utils.atomic_save(save, ckpt_path, keep_previous=True)
+            checkpoints.atomic_save(save, ckpt_path, keep_previous=True)
             if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                utils.atomic_save(save, out_dir / f"checkpoint{epoch:04}.pth")
+                checkpoints.atomic_save(save, out_dir / f"checkpoint{epoch:04}.pth")
             run_log.epoch_done(log)
         del save
         if utils.is_dist():  # no process runs ahead of the checkpoint that rank 0 is writing
@@ -659,7 +576,7 @@ def train(args) -> None:
     # ------------------------------------------------------------------ export
     if run_log:
         backbone = out_dir / "teacher_backbone.safetensors"
-        with volume_io.atomic_write(backbone) as f:
+        with atomic.atomic_write(backbone) as f:
             save_backbone(nets.teacher.backbone, f, {"source": "teacher",
                                                      "checkpoint": ckpt_path.name})
         print(f"done: {ckpt_path} and {backbone}", flush=True)

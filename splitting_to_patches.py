@@ -6,7 +6,7 @@
 Each resampled volume ``(d, w, h)`` = ``(z, y, x)`` is cut into tiles of depth 24 at
 stride 12 (the last tile ends at the last slice; a volume of 13-23 slices gives one
 shorter tile, one of 12 or fewer gives none and is reported as excluded), cropped
-in-plane to the central 80 % when ``w > 320`` (SPEC.md section 3), and written as
+in-plane to the central 80 % when ``w > 320`` (docs/method.md §3), and written as
 ``{volume}_dep{k}.{format}`` with the volume's spacing, origin and direction:
 
 - ``nii.gz`` (default, as published) or ``nii`` (uncompressed, faster to read):
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import volume_io
+from common import atomic, listfile, stages
 
 TILE_DEPTH = 24
 TILE_STRIDE = 12
@@ -77,7 +78,7 @@ def split_volume(arr_zyx):
 
 
 def stem(path):
-    """A volume's name without its .nii.gz / .nii / .npy extension."""
+    """A volume's name without its .nii.gz / .nii / .npy / .b2nd extension."""
     name = Path(path).name
     return name[: len(name) - len(volume_io.volume_suffix(name))]
 
@@ -122,25 +123,25 @@ def split_file(in_path, out_dir, fmt="nii.gz", overwrite=False, compression_leve
         except volume_io.VolumeError:
             n_tiles = 0  # read_nifti below says what is wrong
         if n_tiles and all(volume_io.output_complete(out(k)) for k in range(n_tiles)):
-            return volume_io.SKIPPED
+            return stages.SKIPPED
     img, arr = volume_io.read_nifti(in_path)
     if not tile_bounds(arr.shape[0]):
-        raise volume_io.Excluded(f"{in_path}: only {arr.shape[0]} slices; the published tiling "
+        raise stages.Excluded(f"{in_path}: only {arr.shape[0]} slices; the published tiling "
                                  f"gives no sub-volume below {TILE_STRIDE + 1}")
     for k, tile in split_volume(arr):
         if overwrite or not volume_io.output_complete(out(k)):
             write_tile(tile, out(k), fmt, img, compression_level)
-    return volume_io.DONE
+    return stages.DONE
 
 
 def convert_file(in_path, fmt, overwrite=False, compression_level=1):
     """Rewrite one sub-volume in ``fmt`` beside it (same name, new suffix); DONE or SKIPPED."""
     out = Path(in_path).with_name(stem(in_path) + f".{fmt}")
     if not overwrite and volume_io.output_complete(out):
-        return volume_io.SKIPPED
+        return stages.SKIPPED
     img, arr = volume_io.read_nifti(in_path)
     write_tile(arr, out, fmt, img, compression_level)
-    return volume_io.DONE
+    return stages.DONE
 
 
 def convert(args):
@@ -148,22 +149,22 @@ def convert(args):
     it; the list file is rewritten to name them once all are done (until then it keeps
     naming the originals, which stay)."""
     fmt = args.convert_to
-    paths = [Path(p) for p in volume_io.read_list_file(args.list_file)]
+    paths = [Path(p) for p in listfile.read_list_file(args.list_file)]
     bad = [p for p in paths if volume_io.volume_suffix(p) not in (".nii.gz", ".nii")]
     if bad:
         print(f"splitting_to_patches: --convert_to reads NIfTI sub-volumes; {args.list_file} "
               f"lists {len(bad)} others, e.g. {bad[0]}", file=sys.stderr)
         return 1
     for folder in {p.parent for p in paths}:
-        volume_io.remove_stale_temps(folder)
+        atomic.remove_stale_temps(folder)
     tasks = [(str(p), (p, fmt, args.overwrite, args.compression_level)) for p in paths]
-    rc = volume_io.run_tasks(convert_file, tasks, args.num_workers, "splitting_to_patches",
+    rc = stages.run_tasks(convert_file, tasks, args.num_workers, "splitting_to_patches",
                              Path(args.list_file).parent / "splitting_to_patches_failures.txt")
     if rc:
         print(f"splitting_to_patches: {args.list_file} left unchanged (it still names the "
               f"{len(paths)} originals); fix the failures and run again", file=sys.stderr)
         return rc
-    volume_io.write_list_file(args.list_file, [p.with_name(stem(p) + f".{fmt}") for p in paths])
+    listfile.write_list_file(args.list_file, [p.with_name(stem(p) + f".{fmt}") for p in paths])
     print(f"splitting_to_patches: {len(paths)} sub-volumes converted to .{fmt}; "
           f"{args.list_file} now names them (the originals can be deleted)", file=sys.stderr)
     return 0
@@ -195,7 +196,7 @@ def get_args_parser():
                    help="Instead of splitting: rewrite every sub-volume that --list_file names "
                         "in this format, beside the original, then rewrite the list file. "
                         "Resumable and parallel like the split.")
-    volume_io.add_batch_args(p, compression=True)
+    stages.add_batch_args(p, compression=True)
     return p
 
 
@@ -214,14 +215,14 @@ def main(argv=None):
             print(f"splitting_to_patches: {e}", file=sys.stderr)
             return 1
     out_dir = Path(args.output_dir)
-    inputs = volume_io.stage_inputs(args.in_dir, out_dir, "splitting_to_patches", "re_spacing_ITK.py")
+    inputs = stages.stage_inputs(args.in_dir, out_dir, "splitting_to_patches", "re_spacing_ITK.py")
     if inputs is None:
         return 1
     tasks = [(str(p), (p, out_dir, args.format, args.overwrite, args.compression_level))
              for p in inputs]
-    rc = volume_io.run_tasks(split_file, tasks, args.num_workers, "splitting_to_patches",
+    rc = stages.run_tasks(split_file, tasks, args.num_workers, "splitting_to_patches",
                              out_dir / "splitting_to_patches_failures.txt")
-    lines = volume_io.write_list_file(args.list_file, subvolumes(out_dir, args.format))
+    lines = listfile.write_list_file(args.list_file, subvolumes(out_dir, args.format))
     print(f"splitting_to_patches: {len(lines)} sub-volumes listed in {args.list_file}",
           file=sys.stderr)
     return rc

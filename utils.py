@@ -1,4 +1,5 @@
-"""Training helpers: distributed set-up, schedules, optimiser pieces, checkpoint I/O.
+"""Training helpers: distributed set-up, schedules, optimiser pieces, randomness,
+checkpoint I/O, the loop's meter and record, and device flags.
 
 Nothing here starts work at import time. Everything works in one process without a
 process group; collectives are only called when `torch.distributed` is initialised.
@@ -12,7 +13,9 @@ import os
 import random
 import shutil
 import sys
+import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import volume_io
+from common import atomic, cli
 from models import read_checkpoint
 
 # ----------------------------------------------------------------------------- distributed
-
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -86,8 +88,12 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- schedules
+def print_rank0(*args, **kwargs) -> None:
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
 
+
+# ----------------------------------------------------------------------------- schedules
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
                      warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
@@ -103,7 +109,6 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 
 
 # ----------------------------------------------------------------------------- optimisation
-
 
 def get_params_groups(model: nn.Module) -> list[dict]:
     """Weights regularised; biases and 1-D parameters (norms) not (weight decay 0)."""
@@ -195,7 +200,6 @@ class TeacherEMA:
 
 # ----------------------------------------------------------------------------- randomness
 
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -227,6 +231,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng_states() -> list[dict]:
+    state = rng_state()
+    if not is_dist():
+        return [state]
+    states: list = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
 def sub_seed(*parts: int) -> int:
     """A 63-bit seed derived from integers (seed, rank, epoch, iteration ...)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
@@ -238,74 +251,149 @@ def seed_worker(worker_id: int, base_seed: int) -> None:
     seed_everything(sub_seed(base_seed, worker_id))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def plain(value: Any) -> Any:
-    """Turn argparse values into plain Python (tuples -> lists, Paths -> str)."""
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
-    """Write `obj` with torch.save so that `path` is always a complete file.
-
-    The bytes go through `volume_io.atomic_write` (a temporary file in the same folder,
-    fsynced, renamed over `path`; a full disk raises `volume_io.WriteError` naming
-    `path`). With `keep_previous`, the file that was at `path` is first kept as
-    `<stem>_prev<suffix>` through a hard link, so `path` exists at every instant and a
-    good previous copy survives a checkpoint that later turns out bad.
-    """
-    path = Path(path)
-
-    def demote_current(_tmp):  # the new file is complete on disk: keep the one it replaces
-        if keep_previous and path.exists():
-            with volume_io.atomic_output(previous_path(path)) as prev_tmp:
-                try:
-                    os.link(path, prev_tmp)
-                except OSError:  # file systems without hard links
-                    shutil.copy2(path, prev_tmp)
-
-    with volume_io.atomic_write(path, "wb", before_replace=demote_current) as f:
-        torch.save(obj, f)
-
-
-def previous_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(f"{path.stem}_prev{path.suffix}")
-
-
-def load_checkpoint_with_fallback(path: str | os.PathLike) -> tuple[dict | None, Path | None]:
-    """Load `path`, or its `_prev` copy when `path` is missing, truncated, corrupt (its
-    CRCs are checked) or not a training checkpoint; a warning names the file that failed.
-    Returns (checkpoint, the file it came from) or (None, None) when there is nothing to
-    resume; raises RuntimeError when neither file can be used."""
-    path = Path(path)
-    for candidate in (path, previous_path(path)):
-        if not candidate.exists():
-            continue
-        try:
-            ckpt = read_checkpoint(candidate)
-            if not isinstance(ckpt, dict) or "epoch" not in ckpt:
-                raise KeyError("not a DeSD training checkpoint (no 'epoch' entry)")
-            return ckpt, candidate
-        except Exception as err:  # any failure to read means: try the previous copy
-            warnings.warn(f"could not load checkpoint {candidate} ({type(err).__name__}: {err}); "
-                          f"trying the previous one", stacklevel=2)
-    if path.exists() or previous_path(path).exists():
-        raise RuntimeError(f"neither {path} nor {previous_path(path)} could be loaded; move them "
-                           f"away to start from scratch, or point --output_dir elsewhere")
-    return None, None
-
-
 # ----------------------------------------------------------------------------- the training loop
+
+def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Apply `--precision` on `device`; returns the autocast dtype (None = no autocast:
+    fp32, tf32). Process-wide: TF32 for fp32 matrix products with tf32 only (fp32 keeps
+    PyTorch's defaults), and cuDNN's autotuner on CUDA (the crop sizes are fixed)."""
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def to_device(loader, device: torch.device):
+    """Yield the loader's batches on `device`. On CUDA the next batch is copied on a side
+    stream while the current step runs (same-stream copies would wait for the step)."""
+    if device.type != "cuda":
+        for views in loader:
+            yield [v.to(device) for v in views]
+        return
+    stream = torch.cuda.Stream(device)
+    batches = iter(loader)
+
+    def copy_next():
+        views = next(batches, None)
+        if views is None:
+            return None
+        with torch.cuda.stream(stream):
+            return [v.to(device, non_blocking=True) for v in views]
+
+    nxt = copy_next()
+    while nxt is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)
+        for v in nxt:
+            v.record_stream(current)  # the caching allocator must not reuse it early
+        views, nxt = nxt, copy_next()
+        yield views
+
+
+class NonFinite(RuntimeError):
+    """The loss or the weights became NaN/inf."""
+
+
+class Meter:
+    """The logged values of one epoch: running sums kept on the device, the first
+    iteration whose loss was not finite, and the progress line every `print_freq` steps,
+    the only host sync of the loop (agreed by all processes, so all stop together)."""
+
+    def __init__(self, niter: int, print_freq: int, samples_per_step: int, device: torch.device):
+        self.niter, self.print_freq, self.samples_per_step = niter, print_freq, samples_per_step
+        self.sums: dict[str, torch.Tensor] = {}
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.t_last, self.steps_since = time.time(), 0
+
+    def update(self, i: int, terms: dict[str, torch.Tensor]) -> None:
+        """Add step `i`'s values (device tensors; nothing is read back here)."""
+        bad = ~torch.isfinite(terms["total_loss"]) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, i), self.first_bad)
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.steps_since += 1
+
+    def maybe_report(self, epoch: int, i: int, lr: float, wd: float) -> None:
+        """At the end of a print interval: raise `NonFinite` if any process saw a non-finite
+        loss, else print the running loss and the rate (rank 0)."""
+        if (i + 1) % self.print_freq and i + 1 != self.niter:
+            return
+        # host sync: once per print interval
+        bad_at = int(all_reduce_(self.first_bad.clone(), dist.ReduceOp.MAX if is_dist() else None).item())
+        if bad_at >= 0:
+            raise NonFinite(f"non-finite loss at epoch {epoch}, iteration {bad_at} (on at least "
+                            f"one process); training stopped, the last good checkpoint is left "
+                            f"untouched")
+        if is_main_process():
+            now = time.time()
+            rate = self.steps_since * self.samples_per_step / max(now - self.t_last, 1e-9)
+            print(f"epoch {epoch} [{i + 1}/{self.niter}] loss "
+                  f"{self.sums['total_loss'].item() / (i + 1):.4f} lr {lr:.3g} wd {wd:.3g} "
+                  f"{rate:.1f} samples/s", flush=True)
+            self.t_last, self.steps_since = now, 0
+
+    def means(self) -> dict[str, float]:
+        """`train_<name>`: the epoch mean of every value over all steps and processes."""
+        names = sorted(self.sums)  # the same on every process
+        total = all_reduce_(torch.stack([self.sums[k] for k in names]))
+        return {f"train_{k}": v for k, v in zip(names, (total / (self.niter * get_world_size())).tolist())}
+
+
+class StepRunner:
+    """How one optimisation step runs, from the flags: the views' device augmentation and
+    memory format, autocast, the fp16 gradient scaler, clipping and the last layer's
+    freeze. main_desd's `train_one_epoch` calls `views`, `autocast` and `backward`."""
+
+    def __init__(self, args, device: torch.device, rank: int, augment=None):
+        self.device, self.rank, self.seed = device, rank, args.seed
+        self.amp_dtype = set_precision(args.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.augment = augment  # batched intensity augmentation on the device, or None
+        self.aug_gen = torch.Generator(device=device)
+        self.memory_format = (torch.channels_last_3d if args.channels_last and device.type == "cuda"
+                              else torch.contiguous_format)
+        self.clip_grad, self.freeze_last_layer = args.clip_grad, args.freeze_last_layer
+        self.print_freq, self.batch_size = args.print_freq, args.batch_size_per_gpu
+
+    def views(self, views: list[torch.Tensor], epoch: int, i: int) -> list[torch.Tensor]:
+        """Batched intensity augmentation on the device (seeded per step), then the layout."""
+        if self.augment is not None:
+            self.aug_gen.manual_seed(sub_seed(self.seed, self.rank, epoch, i))
+            with torch.no_grad():
+                views = self.augment(views, self.aug_gen)
+        return [v.contiguous(memory_format=self.memory_format) for v in views]
+
+    def autocast(self):
+        return (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                else nullcontext())
+
+    def backward(self, loss: torch.Tensor, optimizer, student: nn.Module, epoch: int) -> None:
+        """Gradients of `loss`, clipped, the last layer frozen in the first epochs, one
+        optimiser step (skipped by the fp16 scaler on overflow)."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad:
+            self.scaler.unscale_(optimizer)
+            clip_gradients(student, self.clip_grad)
+        cancel_gradients_last_layer(epoch, student, self.freeze_last_layer)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def all_finite(*modules: nn.Module) -> bool:
+    """True when every parameter of `modules` is finite on every process (one fused norm,
+    one all-reduce, one host sync: call once per epoch)."""
+    params = [p.detach() for m in modules for p in m.parameters()]
+    ok = torch.stack(torch._foreach_norm(params)).isfinite().all().to(torch.int32)
+    return bool(all_reduce_(ok, dist.ReduceOp.MIN if is_dist() else None))
+
+
+# ----------------------------------------------------------------------------- the run's record
 
 def read_log(path: str | os.PathLike) -> list[dict]:
     """The epochs of a main_desd.py `log.txt` (or of the `log.txt` in a folder), in order.
@@ -338,55 +426,42 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def view_retrieval(emb_a: torch.Tensor, emb_b: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
-    """Label-free learning signal: row i of `emb_a` and of `emb_b` ([N, C]) embed two views
-    of sample i; for each of the 2N embeddings, where does its partner rank among the other
-    2N - 1 by cosine similarity? Returns `top{k}` (the fraction with the partner among the k
-    nearest) and its chance level `chance{k}` = k / (2N - 1). Ties count in expectation: a
-    partner tied with t others is in the top k with probability (k - g) / (t + 1), g being
-    the number strictly closer, so a constant embedding scores chance, not 1."""
-    if emb_a.shape != emb_b.shape or emb_a.ndim != 2 or len(emb_a) < 2:
-        raise ValueError(f"need two [N, C] tensors of one shape with N >= 2, got "
-                         f"{tuple(emb_a.shape)} and {tuple(emb_b.shape)}")
-    n = len(emb_a)
-    e = torch.nn.functional.normalize(torch.cat([emb_a, emb_b]).double(), dim=1)
-    sim = e @ e.T
-    idx = torch.arange(2 * n)
-    partner = (idx + n) % (2 * n)
-    others = torch.ones_like(sim, dtype=torch.bool)
-    others[idx, idx] = others[idx, partner] = False
-    s_p = sim[idx, partner].unsqueeze(1)
-    tol = 1e-9  # cosines of equal vectors can differ in the last bits
-    closer = ((sim > s_p + tol) & others).sum(1).double()
-    tied = (((sim - s_p).abs() <= tol) & others).sum(1).double()
-    out = {}
-    for k in ks:
-        out[f"top{k}"] = float(((k - closer) / (tied + 1)).clamp(0, 1).mean())
-        out[f"chance{k}"] = min(1.0, k / (2 * n - 1))
-    return out
+class RunLog:
+    """What rank 0 reports of a run: `log.txt` (one JSON line per epoch, rewritten from the
+    checkpoint's own record so that it always matches the checkpoint it belongs to, after
+    a kill or a fallback too), the epoch's console line, the collapse warnings and, with
+    `tensorboard`, TensorBoard scalars (a warning when the package is missing)."""
 
+    def __init__(self, out_dir: str | os.PathLike, out_dim: int, tensorboard: bool = False):
+        self.path, self.out_dim, self.writer = Path(out_dir) / "log.txt", out_dim, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+            except ImportError:
+                warnings.warn("--tensorboard given but the tensorboard package is not "
+                              "installed; pip install tensorboard")
 
-@torch.no_grad()
-def retrieval_by_stage(backbone: nn.Module, pairs: tuple[torch.Tensor, torch.Tensor],
-                       device: torch.device, batch_size: int = 16, ks=(1, 5)) -> dict[str, float]:
-    """`view_retrieval` of the four pooled stage features of a frozen `ResNet3D` on the
-    view pairs of `data_loader_ssl.retrieval_pairs`: `retrieval_top{k}_stage{s}` and
-    `retrieval_chance{k}`."""
-    was_training = backbone.training
-    backbone.eval()
-    embeds = []
-    for views in pairs:
-        stages = [[] for _ in range(4)]
-        for start in range(0, len(views), batch_size):
-            for s, f in enumerate(backbone(views[start:start + batch_size].to(device))):
-                stages[s].append(f.float().cpu())  # host sync: once per batch, once per epoch
-        embeds.append([torch.cat(s) for s in stages])
-    backbone.train(was_training)
-    out = {}
-    for s in range(4):
-        r = view_retrieval(embeds[0][s], embeds[1][s], ks)
-        out |= {f"retrieval_top{k}_stage{s + 1}": r[f"top{k}"] for k in ks}
-    return out | {f"retrieval_chance{k}": r[f"chance{k}"] for k in ks}
+    def rewrite(self, rows: list[dict]) -> None:
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def epoch_done(self, rows: list[dict]) -> None:
+        """Rewrite log.txt with `rows` and report the last one."""
+        self.rewrite(rows)
+        row, epoch = rows[-1], rows[-1]["epoch"]
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, epoch)
+            self.writer.flush()
+        print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in row.items() if k != "epoch"), flush=True)
+        for w in check_collapse({k.removeprefix("train_"): v for k, v in row.items()}, self.out_dim):
+            print(f"WARNING (epoch {epoch}): {w}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
@@ -408,115 +483,21 @@ def check_collapse(stats: dict[str, float], out_dim: int) -> list[str]:
     return warns
 
 
-def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Apply `--precision` on `device`; returns the autocast dtype (None = no autocast:
-    fp32, tf32). Process-wide: TF32 for fp32 matrix products with tf32 only (fp32 keeps
-    PyTorch's defaults), and cuDNN's autotuner on CUDA (the crop sizes are fixed)."""
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def gather_rng_states() -> list[dict]:
-    state = rng_state()
-    if not is_dist():
-        return [state]
-    states: list = [None] * get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def adapt_published_checkpoint(ckpt: dict, widths: dict[int, int],
-                               optimizer: torch.optim.Optimizer) -> list[str]:
-    """Map a training checkpoint of the published release onto this trainer's names, in
-    place; returns what was changed, for the log. `widths` maps the input width of each of
-    this run's deep heads to its stage.
-
-    The release named the student's deep heads `head_1..head_3` and kept an extra
-    `loss_center` buffer in its loss. Deep heads are matched to stages by their input
-    width (stage widths are distinct). Its optimizer state is positional, so it is kept
-    only when every state tensor has the shape of this trainer's parameter at the same
-    position; otherwise the optimizer starts fresh (resuming is then not exact).
-    """
-    notes = []
-    state = {k.removeprefix("module."): v for k, v in ckpt["student"].items()}
-    heads = sorted({k.split(".", 1)[0] for k in state if k.startswith("head_")})
-    for head in heads:
-        k = widths.get(state[f"{head}.mlp.0.weight"].shape[1])
-        if k is None:
-            raise ValueError(f"the checkpoint's {head} takes "
-                             f"{state[f'{head}.mlp.0.weight'].shape[1]} features, which no deep "
-                             f"head of this run does (stages {sorted(widths.values())}); check "
-                             f"--arch and --stage_weights")
-        state = {(f"deep_heads.stage{k}." + n.split(".", 1)[1] if n.startswith(head + ".") else n): v
-                 for n, v in state.items()}
-        notes.append(f"the published student's {head} mapped to deep_heads.stage{k} (by width)")
-    ckpt["student"] = {"module." + k: v for k, v in state.items()}
-    if "loss_center" in ckpt.get("desd_loss", {}):
-        ckpt["desd_loss"] = {k: v for k, v in ckpt["desd_loss"].items() if k != "loss_center"}
-        notes.append("the published loss's extra loss_center dropped (the loss does not use it)")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    saved = ckpt.get("optimizer", {})
-    fits = (sum(len(g["params"]) for g in saved.get("param_groups", [])) == len(params)
-            and all(int(i) < len(params) and all(
-                not torch.is_tensor(v) or v.ndim == 0 or v.shape == params[int(i)].shape
-                for v in s.values()) for i, s in saved.get("state", {}).items()))
-    if not fits:
-        ckpt.pop("optimizer", None)
-        notes.append("the published optimizer state does not fit this trainer's parameter "
-                     "order: the optimizer starts fresh (resuming is not exact)")
-    return notes
-
-
-def all_finite(*modules: nn.Module) -> bool:
-    """True when every parameter of `modules` is finite on every process (one fused norm,
-    one all-reduce, one host sync: call once per epoch)."""
-    params = [p.detach() for m in modules for p in m.parameters()]
-    ok = torch.stack(torch._foreach_norm(params)).isfinite().all().to(torch.int32)
-    return bool(all_reduce_(ok, dist.ReduceOp.MIN if is_dist() else None))
-
-
-def to_device(loader, device: torch.device):
-    """Yield the loader's batches on `device`. On CUDA the next batch is copied on a side
-    stream while the current step runs (same-stream copies would wait for the step)."""
-    if device.type != "cuda":
-        for views in loader:
-            yield [v.to(device) for v in views]
-        return
-    stream = torch.cuda.Stream(device)
-    batches = iter(loader)
-
-    def copy_next():
-        views = next(batches, None)
-        if views is None:
-            return None
-        with torch.cuda.stream(stream):
-            return [v.to(device, non_blocking=True) for v in views]
-
-    nxt = copy_next()
-    while nxt is not None:
-        current = torch.cuda.current_stream(device)
-        current.wait_stream(stream)
-        for v in nxt:
-            v.record_stream(current)  # the caching allocator must not reuse it early
-        views, nxt = nxt, copy_next()
-        yield views
-
-
-# ----------------------------------------------------------------------------- misc
-
+# ----------------------------------------------------------------------------- devices (the example, the probes, the benchmarks)
 
 def add_device_args(p) -> None:
     """--device and --threads, as the example and the tools take them."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device; bf16 autocast is used on CUDA")
-    p.add_argument("--threads", "--num_threads", default=0, type=volume_io.int_at_least(0),
+    p.add_argument("--threads", "--num_threads", default=0, type=cli.int_at_least(0),
                    help="CPU threads for PyTorch (0: PyTorch's default)")
+
+
+def setup_device(args) -> torch.device:
+    """The device of `add_device_args`' flags, with the thread count applied."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
 
 
 def check_patch_size(parser, arch: str, patch_size, flag: str = "--patch_size") -> None:
@@ -527,56 +508,6 @@ def check_patch_size(parser, arch: str, patch_size, flag: str = "--patch_size") 
             ResUNet3D(arch).check_input_size(patch_size)
     except ValueError as e:
         parser.error(f"{flag}: {e}")
-
-
-def setup_device(args) -> torch.device:
-    """The device of `add_device_args`' flags, with the thread count applied."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return torch.device(args.device)
-
-
-class RunLog:
-    """What rank 0 reports of a run: `log.txt` (one JSON line per epoch, rewritten from the
-    checkpoint's own record so that it always matches the checkpoint it belongs to, after
-    a kill or a fallback too), the epoch's console line, the collapse warnings and, with
-    `tensorboard`, TensorBoard scalars (a warning when the package is missing)."""
-
-    def __init__(self, out_dir: str | os.PathLike, out_dim: int, tensorboard: bool = False):
-        self.path, self.out_dim, self.writer = Path(out_dir) / "log.txt", out_dim, None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
-            except ImportError:
-                warnings.warn("--tensorboard given but the tensorboard package is not "
-                              "installed; pip install tensorboard")
-
-    def rewrite(self, rows: list[dict]) -> None:
-        volume_io.write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-
-    def epoch_done(self, rows: list[dict]) -> None:
-        """Rewrite log.txt with `rows` and report the last one."""
-        self.rewrite(rows)
-        row, epoch = rows[-1], rows[-1]["epoch"]
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(k, v, epoch)
-            self.writer.flush()
-        print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in row.items() if k != "epoch"), flush=True)
-        for w in check_collapse({k.removeprefix("train_"): v for k, v in row.items()}, self.out_dim):
-            print(f"WARNING (epoch {epoch}): {w}", flush=True)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def print_rank0(*args, **kwargs) -> None:
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
 
 
 def machine_description() -> str:
@@ -591,4 +522,3 @@ def machine_description() -> str:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {sys.version.split()[0]}"
-

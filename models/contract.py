@@ -1,12 +1,16 @@
-"""The data contract between pre-training and fine-tuning (SPEC.md §2, §4).
+"""The data contract between pre-training and fine-tuning (docs/method.md §2, §4).
 
 The encoder was pre-trained on CT resampled to 1 mm, clipped to [-1024, 1024] HU and
 divided by 1024, so fine-tuning inputs must be prepared the same way. These constants
 are the one definition; the preprocessing, the dataset and the examples use them.
+No torch import: the preprocessing workers read these constants without paying for it.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing the constants needs no torch
+    import torch
 
 __all__ = ["SPACING_MM", "HU_MIN", "HU_MAX", "HU_SCALE", "hu_to_input"]
 

@@ -18,4 +18,6 @@ def _few_threads():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: fault-injection tests (still run in CI)")
+    config.addinivalue_line("markers", "slow: tests of several seconds or more (training runs, "
+                            "fault injection, the demo); CI runs them, -m 'not slow' leaves "
+                            "them out")

@@ -11,6 +11,7 @@ import torch
 import data_loader_ssl as dl
 import splitting_to_patches as stage3
 import volume_io
+from common import listfile
 
 
 def ct_like(shape_xyz, seed=0):
@@ -135,7 +136,7 @@ def test_convert_is_resumable_and_keeps_the_list_until_done(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(ct_like((20, 20, 24), k).transpose(2, 1, 0).copy()),
                         str(folder / f"v_dep{k}.nii.gz"))
     lst = tmp_path / "l.txt"
-    volume_io.write_list_file(lst, sorted(folder.glob("*.nii.gz")))
+    listfile.write_list_file(lst, sorted(folder.glob("*.nii.gz")))
     (folder / "v_dep2.nii.gz").write_bytes(b"\x1f\x8b" + bytes(50))    # one damaged original
     assert stage3.main(["--convert_to", "b2nd", "--list_file", str(lst), "--num_workers", "1"]) == 1
     assert lst.read_text().split()[-1] == "p/v_dep2.nii.gz"              # still the originals

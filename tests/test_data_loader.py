@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.stats import ks_2samp
 
 import data_loader_ssl as dl
-import volume_io
+from common import listfile
 
 
 def _ct_like(shape, seed=0):
@@ -115,27 +115,27 @@ def test_corrupt_gzip_raises_naming_it(tmp_path):
 
 def test_read_list_file_messages(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        volume_io.read_list_file(tmp_path / "nope.txt")
+        listfile.read_list_file(tmp_path / "nope.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n\n")
     with pytest.raises(ValueError, match="names no sub-volumes"):
-        volume_io.read_list_file(empty)
+        listfile.read_list_file(empty)
     _write(str(tmp_path / "ok.npy"), _ct_like((4, 4, 4)))
     missing = [f"sub/m{k}.nii.gz" for k in range(7)]
     lst = tmp_path / "l.txt"
     lst.write_text("\n".join(["ok.npy"] + missing + [""]))
     with pytest.raises(FileNotFoundError) as e:
-        volume_io.read_list_file(lst)
+        listfile.read_list_file(lst)
     msg = str(e.value)
     assert "7 of 8" in msg and "sub/m0.nii.gz" in msg and "sub/m6.nii.gz" not in msg
     assert "relative to its own folder" in msg
     bad = tmp_path / "b.txt"
     bad.write_text("ok.npy\nnotes.txt\n")
     with pytest.raises(ValueError, match="notes.txt"):
-        volume_io.read_list_file(bad)
+        listfile.read_list_file(bad)
     good = tmp_path / "g.txt"
     good.write_text("\nok.npy\n\n")
-    assert volume_io.read_list_file(good) == [os.path.join(tmp_path, "ok.npy")]
+    assert listfile.read_list_file(good) == [os.path.join(tmp_path, "ok.npy")]
 
 
 def test_list_file_rule_one_writer_one_reader(tmp_path):
@@ -147,10 +147,10 @@ def test_list_file_rule_one_writer_one_reader(tmp_path):
         files.append(data / f"v_dep{k}.npy")
         _write(str(files[-1]), _ct_like((4, 4, 4), k))
     for list_file in (tmp_path / "SSL.txt", tmp_path / "lists" / "deep" / "ssl.txt"):
-        lines = volume_io.write_list_file(list_file, reversed(files))
+        lines = listfile.write_list_file(list_file, reversed(files))
         assert lines == sorted(lines)
         assert list_file.read_text().splitlines() == lines
-        got = volume_io.read_list_file(list_file)
+        got = listfile.read_list_file(list_file)
         assert [os.path.realpath(p) for p in got] == [os.path.realpath(p) for p in files]
     assert (tmp_path / "SSL.txt").read_text().splitlines()[0] == "DL_patches_v2/v_dep0.npy"
     assert (tmp_path / "lists" / "deep" / "ssl.txt").read_text().startswith("../../DL_patches_v2/")

@@ -20,6 +20,7 @@ import DL_save_nifti as stage1
 import re_spacing_ITK as stage2
 import splitting_to_patches as stage3
 import volume_io
+from common import atomic
 from synthetic_ct import make_deeplesion_set, phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,9 +225,9 @@ def test_resume_ignores_a_stale_temp_file(tmp_path, capsys):
     assert stage2.main(args) == 0
     # simulate a run killed while writing b: only a temporary file is left behind
     (out / "b.nii.gz").unlink()
-    stale = volume_io.temp_path(out / "b.nii.gz")
+    stale = atomic.temp_path(out / "b.nii.gz")
     stale.write_bytes(b"half a file")
-    assert volume_io.is_temp_name(stale.name)
+    assert atomic.is_temp_name(stale.name)
     mtime_a = (out / "a.nii.gz").stat().st_mtime_ns
     capsys.readouterr()
     assert stage2.main(args) == 0
@@ -241,7 +242,7 @@ def test_resume_ignores_a_stale_temp_file(tmp_path, capsys):
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "x.npy"
     with pytest.raises(RuntimeError):
-        with volume_io.atomic_output(target) as tmp:
+        with atomic.atomic_output(target) as tmp:
             tmp.write_bytes(b"partial")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []

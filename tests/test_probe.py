@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import eval_probe
 import plot_log
-import volume_io
+from common import listfile
 from models import build_backbone
 
 CLASS_HU = (-800, -200, 300, 900)  # label c has intensity CLASS_HU[c]: trivially separable
@@ -123,6 +123,7 @@ def test_sampled_training_equals_upsampled_logits():
 
 
 # ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_probe_separable_set_table_and_determinism(separable_set, res3d10_files, tmp_path,
                                                     capsys):
     ckpt, bare = res3d10_files
@@ -159,6 +160,7 @@ def test_probe_separable_set_table_and_determinism(separable_set, res3d10_files,
     assert _numbers(second) == _numbers(first)[:4 * 5]
 
 
+@pytest.mark.slow
 def test_retrieval_augment_and_seeds(separable_set, res3d10_files, tmp_path):
     """Grouped checkpoints, two probe seeds, augmented patches and the view retrieval on a
     held-out list: every column filled, spreads over checkpoints x seeds."""
@@ -170,7 +172,7 @@ def test_retrieval_augment_and_seeds(separable_set, res3d10_files, tmp_path):
     for k in range(5):
         files.append(held / f"h{k}_dep0.npy")
         np.save(files[-1], rng.integers(-1000, 1000, (40, 40, 16)).astype(np.int16))
-    volume_io.write_list_file(held / "list.txt", files)
+    listfile.write_list_file(held / "list.txt", files)
     res = eval_probe.run(eval_probe.parse_args(_probe_args(
         separable_set, tmp_path / "r", "random", str(ckpt), str(bare), "--names", "random",
         "trained", "trained", "--probe_seeds", "0", "1", "--augment", "--retrieval_list",

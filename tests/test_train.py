@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import utils
-import volume_io
+from common import atomic, checkpoints, listfile
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "res3d10", "--out_dim", "32", "--head_hidden_dim", "32",
@@ -105,6 +105,7 @@ def straight(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_epoch_run_outputs(straight):
     log = [json.loads(line) for line in (straight / "log.txt").read_text().splitlines()]
     assert [row["epoch"] for row in log] == [0, 1, 2]
@@ -135,6 +136,7 @@ def test_two_epoch_run_outputs(straight):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_exact_resume_in_fresh_process(straight, data, tmp_path, workers):
     out = tmp_path / "resumed"
     resume_from(straight, out, "checkpoint0001.pth")     # state after epochs 0 and 1
@@ -150,6 +152,7 @@ def test_exact_resume_in_fresh_process(straight, data, tmp_path, workers):
     assert rows[2]["train_total_loss"] == pytest.approx(ref[2]["train_total_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_falls_back_to_previous(straight, data, tmp_path):
     out = tmp_path / "fallback"
     out.mkdir()
@@ -187,6 +190,7 @@ def test_bad_inputs_are_refused_before_training(data, tmp_path, capsys):
     assert not (tmp_path / "out4").exists()
 
 
+@pytest.mark.slow
 def test_bf16_and_fp32_steps_are_finite(data, tmp_path):
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
@@ -205,7 +209,7 @@ def _save_forever(path, epoch):
         epoch += 1
         # numpy-made tensor: no OpenMP work in a forked child (it can hang after fork)
         w = torch.from_numpy(np.full(2_000_000, epoch, np.float32))
-        utils.atomic_save({"epoch": epoch, "w": w}, path, keep_previous=True)
+        checkpoints.atomic_save({"epoch": epoch, "w": w}, path, keep_previous=True)
 
 
 @pytest.mark.slow
@@ -232,7 +236,7 @@ def test_sigkill_during_saving_never_leaves_a_bad_checkpoint(tmp_path):
     # and the next start (here: the cleaner every entry point calls) removes them
     assert list(tmp_path.glob(".checkpoint.pth.tmp-*"))
     stale = list(tmp_path.glob(".checkpoint*.tmp-*"))
-    assert volume_io.remove_stale_temps(tmp_path) == len(stale)
+    assert atomic.remove_stale_temps(tmp_path) == len(stale)
     assert not list(tmp_path.glob(".*tmp-*")) and path.exists()
 
 
@@ -370,6 +374,7 @@ def test_every_torch_load_is_weights_only():
     assert calls >= 1 and not offenders, offenders
 
 
+@pytest.mark.slow
 def test_dino_mode_has_no_deep_heads_and_no_kl_for_headless_stages(data, tmp_path, capsys):
     out = tmp_path / "dino"
     train_here(data, out, "--epochs", "1", "--stage_weights", "0", "0", "0", "1",
@@ -383,6 +388,7 @@ def test_dino_mode_has_no_deep_heads_and_no_kl_for_headless_stages(data, tmp_pat
     assert "stage 1" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_diverging_last_step_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     """An infinite learning rate on the last step of epoch 1: the loss of that step is
     still finite (it is computed before the update), the weights are not. The weights are
@@ -404,6 +410,7 @@ def test_diverging_last_step_keeps_the_last_good_checkpoint(data, tmp_path, monk
     assert [json.loads(ln)["epoch"] for ln in (out / "log.txt").read_text().splitlines()] == [0]
 
 
+@pytest.mark.slow
 def test_log_txt_follows_the_checkpoint_it_belongs_to(straight, data, tmp_path):
     """A kill between the checkpoint save and the log write lost a line; a fallback to the
     previous checkpoint duplicated lines. log.txt is now rewritten from the checkpoint."""
@@ -419,6 +426,7 @@ def test_log_txt_follows_the_checkpoint_it_belongs_to(straight, data, tmp_path):
     assert not (out / ".checkpoint.pth.tmp-999999999.pth").exists()
 
 
+@pytest.mark.slow
 def test_published_checkpoint_is_mapped_and_resumed(data, tmp_path, capsys):
     """The release's training checkpoint: deep heads named head_1..3, an extra loss_center,
     a Namespace as args. Its heads are mapped by width, the optimizer state starts fresh."""
@@ -488,7 +496,7 @@ def test_list_file_in_a_sub_folder_trains(data, tmp_path):
     """splitting_to_patches.py --list_file lists/ssl.txt writes '../DL_patches_v2/...'; the
     trainer reads it by the same rule (relative to the list file's folder)."""
     files = sorted((data / "DL_patches_v2").glob("*.npy"))
-    volume_io.write_list_file(data / "lists" / "ssl.txt", files)
+    listfile.write_list_file(data / "lists" / "ssl.txt", files)
     assert (data / "lists" / "ssl.txt").read_text().startswith("../DL_patches_v2/")
     out = tmp_path / "sub"
     train_here(data, out, "--list_path", "lists/ssl.txt", "--epochs", "1", "--max_iters_per_epoch", "1")

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import utils
+from common import checkpoints
+from common.retrieval import view_retrieval
 from models import PretrainedLoadError, read_checkpoint
 from main_desd import build_network, parse_args
 from utils import TeacherEMA
@@ -102,24 +104,24 @@ def test_lars_step_matches_hand_computation():
 
 def test_atomic_save_keeps_previous_and_falls_back(tmp_path, recwarn):
     path = tmp_path / "checkpoint.pth"
-    utils.atomic_save({"epoch": 1, "w": torch.ones(3)}, path, keep_previous=True)
-    utils.atomic_save({"epoch": 2, "w": torch.ones(3) * 2}, path, keep_previous=True)
-    assert read_checkpoint(utils.previous_path(path))["epoch"] == 1
+    checkpoints.atomic_save({"epoch": 1, "w": torch.ones(3)}, path, keep_previous=True)
+    checkpoints.atomic_save({"epoch": 2, "w": torch.ones(3) * 2}, path, keep_previous=True)
+    assert read_checkpoint(checkpoints.previous_path(path))["epoch"] == 1
     assert not list(tmp_path.glob(".*tmp*"))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])           # truncated by a crash or a full disk
-    ckpt, source = utils.load_checkpoint_with_fallback(path)
-    assert ckpt["epoch"] == 1 and source == utils.previous_path(path)
+    ckpt, source = checkpoints.load_checkpoint_with_fallback(path)
+    assert ckpt["epoch"] == 1 and source == checkpoints.previous_path(path)
     assert any("checkpoint.pth" in str(w.message) for w in recwarn)
-    assert utils.load_checkpoint_with_fallback(tmp_path / "none.pth") == (None, None)
+    assert checkpoints.load_checkpoint_with_fallback(tmp_path / "none.pth") == (None, None)
 
 
 def test_checkpoint_corrupted_inside_same_size_falls_back(tmp_path, recwarn):
     """Zeroed bytes inside a tensor record: torch.load alone reads garbage silently; the
     CRC check refuses the file, names it, and the previous checkpoint is used."""
     path = tmp_path / "checkpoint.pth"
-    utils.atomic_save({"epoch": 1, "w": torch.ones(100_000)}, path, keep_previous=True)
-    utils.atomic_save({"epoch": 2, "w": torch.full((100_000,), 2.0)}, path, keep_previous=True)
+    checkpoints.atomic_save({"epoch": 1, "w": torch.ones(100_000)}, path, keep_previous=True)
+    checkpoints.atomic_save({"epoch": 2, "w": torch.full((100_000,), 2.0)}, path, keep_previous=True)
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 65536] = bytes(65536)
@@ -127,8 +129,8 @@ def test_checkpoint_corrupted_inside_same_size_falls_back(tmp_path, recwarn):
     assert torch.load(path, weights_only=True)["epoch"] == 2  # what used to be trusted
     with pytest.raises(PretrainedLoadError, match="CRC"):
         read_checkpoint(path)
-    ckpt, source = utils.load_checkpoint_with_fallback(path)
-    assert ckpt["epoch"] == 1 and source == utils.previous_path(path)
+    ckpt, source = checkpoints.load_checkpoint_with_fallback(path)
+    assert ckpt["epoch"] == 1 and source == checkpoints.previous_path(path)
     assert any(str(path) in str(w.message) and "CRC" in str(w.message) for w in recwarn)
 
 
@@ -167,14 +169,15 @@ def test_full_disk_during_a_checkpoint_save_is_named(tmp_path):
     code = textwrap.dedent(f"""
         import resource, signal, sys
         sys.path.insert(0, {str(root)!r})
-        import torch, utils, volume_io
+        import torch
+        from common import atomic, checkpoints
         path = {str(tmp_path / "checkpoint.pth")!r}
-        utils.atomic_save({{"epoch": 1, "w": torch.ones(10)}}, path, keep_previous=True)
+        checkpoints.atomic_save({{"epoch": 1, "w": torch.ones(10)}}, path, keep_previous=True)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         try:
-            utils.atomic_save({{"epoch": 2, "w": torch.ones(1_000_000)}}, path, keep_previous=True)
-        except volume_io.WriteError as e:
+            checkpoints.atomic_save({{"epoch": 2, "w": torch.ones(1_000_000)}}, path, keep_previous=True)
+        except atomic.WriteError as e:
             print("WriteError:", e)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -188,15 +191,15 @@ def test_view_retrieval_known_answers():
     torch.manual_seed(0)
     a = torch.randn(50, 16)
     # identical views: every partner is the nearest (cosine 1, others below)
-    r = utils.view_retrieval(a, a.clone())
+    r = view_retrieval(a, a.clone())
     assert r["top1"] == 1.0 and r["top5"] == 1.0
     assert r["chance1"] == pytest.approx(1 / 99) and r["chance5"] == pytest.approx(5 / 99)
     # a constant embedding: every other view ties with the partner: exactly chance
     c = torch.ones(50, 16)
-    r = utils.view_retrieval(c, c.clone())
+    r = view_retrieval(c, c.clone())
     assert r["top1"] == pytest.approx(1 / 99) and r["top5"] == pytest.approx(5 / 99)
     # unrelated noise: about chance (mean over draws within a few standard errors)
-    top1 = [utils.view_retrieval(torch.randn(200, 32), torch.randn(200, 32))["top1"]
+    top1 = [view_retrieval(torch.randn(200, 32), torch.randn(200, 32))["top1"]
             for _ in range(20)]
     assert abs(np.mean(top1) - 1 / 399) < 0.003
     # by hand, cosines: a0.b0 0.994, a0.a1 0.8, a0.b1 0; a1.b1 0.6, a1.b0 0.861;
@@ -204,7 +207,7 @@ def test_view_retrieval_known_answers():
     # a1's partner b1 (0.6) comes third, after b0 and a0: top1 = top2 = 3/4
     a = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
     b = torch.tensor([[0.9, 0.1], [0.0, 1.0]])
-    r = utils.view_retrieval(a, b, ks=(1, 2))
+    r = view_retrieval(a, b, ks=(1, 2))
     assert r["top1"] == pytest.approx(3 / 4) and r["top2"] == pytest.approx(3 / 4)
     with pytest.raises(ValueError):
-        utils.view_retrieval(a, b[:1])
+        view_retrieval(a, b[:1])

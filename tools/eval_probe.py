@@ -30,7 +30,7 @@ bf16 autocast on CUDA). Per stage:
   label is that of its centre voxel; accuracy on the held-out patches;
 - view retrieval (with `--retrieval_list`, label-free): two views of each held-out
   sub-volume (`data_loader_ssl.retrieval_pairs`), top-1/top-5 of finding each view's
-  partner among all 2N by the pooled stage features (`utils.view_retrieval`).
+  partner among all 2N by the pooled stage features (`retrieval.view_retrieval`).
 
 Every measurement is repeated for each of `--probe_seeds` (the random init, the probe's
 initialisation and voxel sample, the augmentation draws and the retrieval views change
@@ -65,12 +65,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 import utils  # noqa: E402
-import volume_io  # noqa: E402
+from common import atomic, listfile  # noqa: E402
+from common.cases import add_labelled_data_args, labelled_data, random_patch, split_cases  # noqa: E402
 from data_loader_ssl import VIEW_INTENSITY_PARAMS, BatchIntensityAugment, retrieval_pairs  # noqa: E402
 from models import (ARCHS, HU_MIN, build_backbone, declared_arch,  # noqa: E402
                     extract_backbone_state, hu_to_input, infer_arch, load_pretrained_encoder,
                     load_safetensors, read_checkpoint)
-from volume_io import BOOL, float_in, int_at_least  # noqa: E402
+from common.cli import BOOL, float_in, int_at_least  # noqa: E402
+from common.retrieval import retrieval_by_stage  # noqa: E402
 
 NUM_STAGES = 4
 RANDOM = "random"
@@ -140,7 +142,7 @@ def sample_patches(cases: Sequence, patch_size: Sequence[int], per_case: int,
     for i, case in enumerate(cases):
         rng = np.random.default_rng([seed, i])
         for _ in range(per_case):
-            img, seg = volume_io.random_patch(case, patch_size, fg_fraction, HU_MIN, rng)
+            img, seg = random_patch(case, patch_size, fg_fraction, HU_MIN, rng)
             images.append(img)
             labels.append(seg)
     return np.stack(images), np.stack(labels)
@@ -404,8 +406,8 @@ def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     writer.writerows({"checkpoint": r["name"], "path": r["checkpoint"], "seed": r["seed"], **st}
                      for r in results["runs"] for st in r["stages"])
     written = [out_dir / "probe_results.csv", out_dir / "probe_results.json"]
-    volume_io.write_text(written[0], text.getvalue())
-    volume_io.write_text(written[1], json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+    atomic.write_text(written[0], text.getvalue())
+    atomic.write_text(written[1], json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
     png = plot_results(results, out_dir / "probe_results.png")
     return written + ([png] if png is not None else [])
 
@@ -441,7 +443,7 @@ def plot_results(results: dict, out: Path) -> Path | None:
     fig.suptitle(f"frozen {results['settings']['arch']} per stage: mean ± std over checkpoints "
                  f"and seeds")
     fig.tight_layout()
-    with volume_io.atomic_output(out) as tmp:
+    with atomic.atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out
@@ -510,7 +512,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default=0, type=int,
                    help="seed of the synthetic set and the patches (fixed for every checkpoint "
                         "and probe seed): the same seeds give the same numbers")
-    volume_io.add_labelled_data_args(p, patch_size=(16, 48, 48), synthetic_size=96,
+    add_labelled_data_args(p, patch_size=(16, 48, 48), synthetic_size=96,
                                      fg_fraction=0.8)
     utils.add_device_args(p)
     return p
@@ -531,9 +533,9 @@ def run(args) -> dict:
             check_arch(spec, args.arch, args.which)
 
     # ---------------------------------------------------------------- data
-    data_dir, cases, class_names = volume_io.labelled_data(args, out_dir)
+    data_dir, cases, class_names = labelled_data(args, out_dir)
     num_classes = len(class_names)
-    splits = dict(zip(("train", "val"), volume_io.split_cases(cases, args.val_fraction)))
+    splits = dict(zip(("train", "val"), split_cases(cases, args.val_fraction)))
     patches = {k: sample_patches(v, args.patch_size, args.patches_per_case, args.fg_fraction,
                                  args.seed + (k == "val"))
                for k, v in splits.items()}
@@ -549,7 +551,7 @@ def run(args) -> dict:
               f"{n} {c}" for n, c in zip(class_names, counts)) + f" (k-NN chance {knn_chance:.3f})")
     pairs = {}
     if args.retrieval_list:
-        held_out = volume_io.read_list_file(args.retrieval_list)[:args.retrieval_n]
+        held_out = listfile.read_list_file(args.retrieval_list)[:args.retrieval_n]
         pairs = {s: retrieval_pairs(held_out, args.retrieval_crop, s) for s in args.probe_seeds}
         print(f"view retrieval: {len(held_out)} held-out sub-volumes of {args.retrieval_list}")
 
@@ -578,7 +580,7 @@ def run(args) -> dict:
                                                   zip(class_names[1:], dice)},
                                "dice_mean": _nanmean(list(map(float, dice))), "knn_acc": acc})
             if pairs:
-                r = utils.retrieval_by_stage(encoder, pairs[seed], device, args.batch_size)
+                r = retrieval_by_stage(encoder, pairs[seed], device, args.batch_size)
                 for st in stages:
                     st |= {f"retrieval_top{k}": r[f"retrieval_top{k}_stage{st['stage']}"]
                            for k in (1, 5)}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
-import volume_io  # noqa: E402
+from common import atomic  # noqa: E402
 from models import backbone_only, extract_backbone_state, read_checkpoint, save_backbone  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
         out = checkpoint.with_name(f"{stem}_backbone.safetensors")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with volume_io.atomic_write(out) as f:
+    with atomic.atomic_write(out) as f:
         meta = save_backbone(state, f, {"source": source, "checkpoint": checkpoint.name})
     n = len(backbone_only(state))
     return {"out": str(out), "arch": meta["arch"], "source": source, "n_tensors": n,

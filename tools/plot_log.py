@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
-import volume_io  # noqa: E402
+from common import atomic  # noqa: E402
 from utils import read_log  # noqa: E402
 
 NUM_STAGES = 4
@@ -102,7 +102,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str | os.PathLike) -> Path:
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with volume_io.atomic_output(out) as tmp:
+    with atomic.atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out

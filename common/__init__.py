@@ -1,0 +1,10 @@
+"""What the pipeline's scripts share, one concern per file. Imports run one way:
+
+    atomic.py, cli.py          (standard library only)
+    volume_io.py               (top level: the formats; imports atomic)
+    listfile.py, stages.py     (import atomic, cli, volume_io)
+    resample.py                (numpy/scipy and models.contract)
+    cases.py                   (imports cli, resample, volume_io; synthetic_ct when generating)
+
+Nothing here imports a stage script, the trainer, a tool or the example.
+"""
