@@ -11,6 +11,7 @@ from importlib import import_module
 _EXPORTS = {
     "contract": ["HU_MAX", "HU_MIN", "HU_SCALE", "SPACING_MM", "hu_to_input"],
     "head": ["DINOHead"],
+    "nnunet_net": ["DeSDUNet"],
     "pretrained": ["PretrainedLoadError", "backbone_only", "declared_arch",
                    "extract_backbone_state", "infer_arch", "load_pretrained_encoder",
                    "load_safetensors", "read_checkpoint", "save_backbone", "save_safetensors",
