@@ -1,5 +1,5 @@
 #!/usr/bin/env sh
-# The published DeSD pre-training run (SPEC.md §7) through torchrun.
+# The published DeSD pre-training run (docs/method.md §7) through torchrun.
 #
 #   sh run_ssl.sh                                  # 6 GPUs on this machine, published settings
 #   NPROC=1 sh run_ssl.sh                          # one GPU (same per-GPU batch; lr scales with it)

@@ -1,4 +1,4 @@
-"""The DINO projection head used on every DeSD stage (SPEC.md §5).
+"""The DINO projection head used on every DeSD stage (docs/method.md §5).
 
 MLP (Linear -> [BatchNorm1d] -> GELU, `nlayers` times, last Linear to `bottleneck_dim`) ->
 L2-normalise -> weight-normalised Linear(bottleneck_dim, out_dim, no bias). With

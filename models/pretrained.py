@@ -1,5 +1,6 @@
 """Pre-trained DeSD backbones: read a checkpoint safely, take its backbone, load it into an
-encoder, and write a backbone as `.safetensors`. PyTorch and the standard library only.
+encoder, and write a backbone as `.safetensors`. PyTorch and the standard library only;
+`.safetensors` files also need the `safetensors` package (`pip install safetensors`).
 
     from models import ResUNet3D, load_pretrained_encoder
     net = ResUNet3D("res3d50", num_classes=4)
@@ -9,23 +10,22 @@ Accepted files: `checkpoint.pth` of main_desd.py, the released DeSD_Res50 checkp
 (prefixed) backbone state dict, and `.safetensors` backbones. Reading never runs code:
 `torch.load(weights_only=True)` with `argparse.Namespace` as the one extra class (the
 released checkpoint stores its `args` that way), and a zip checkpoint's CRCs are verified
-first, because `torch.load` reads a corrupted record without complaint. SPEC.md §8: the
-published loader strips `module.backbone.`, keeps the names present in the encoder and
-prints `[pre_N/mod_M]: K shared layers` and the mean of `conv1.weight` before and after;
-here a checkpoint that matches nothing, matches with wrong shapes or holds non-finite
-weights is an error, and nothing is loaded then.
+first, because `torch.load` reads a corrupted record without complaint. As published
+(docs/method.md §8) the loader strips `module.backbone.`, keeps the names present in the
+encoder and prints `[pre_N/mod_M]: K shared layers` and the mean of `conv1.weight` before
+and after; here a checkpoint that matches nothing, matches with wrong shapes or holds
+non-finite weights is an error, and nothing is loaded then.
 
-The `.safetensors` format (an 8-byte little-endian header length, a JSON header naming
-each tensor's dtype, shape and byte range, then the raw little-endian bytes) is read and
-written here directly, so copying `models/` needs no other package.
+`.safetensors` files are read (memory-mapped) and written by the `safetensors` library,
+which validates the whole header; it is imported only when such a file is read or
+written, so `models/` copied alone loads `.pth` checkpoints with PyTorch only. The checks
+above (CRCs of zip checkpoints, names, shapes, non-finite weights) apply to both kinds.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
-import struct
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -41,16 +41,11 @@ __all__ = ["PretrainedLoadError", "read_checkpoint", "verify_checkpoint_file",
            "declared_arch", "load_pretrained_encoder", "save_backbone", "save_safetensors",
            "load_safetensors", "BACKBONE_MODULES", "STRIP_PREFIXES"]
 
-# Top-level module names of `ResNet3D` (SPEC.md §5): what a bare backbone holds.
+# Top-level module names of `ResNet3D` (docs/method.md §5): what a bare backbone holds.
 BACKBONE_MODULES = ("conv1", "norm1", "layer1", "layer2", "layer3", "layer4")
 # Tried in this order on every key; the first that matches is removed ("encoder." is
 # ResUNet3D's: a fine-tuned segmentation network's encoder loads too).
 STRIP_PREFIXES = ("module.backbone.", "backbone.", "module.", "encoder.")
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class PretrainedLoadError(ValueError):
@@ -58,64 +53,60 @@ class PretrainedLoadError(ValueError):
 
 
 # ----------------------------------------------------------------------------- safetensors
+def _safetensors(action: str):
+    """The `safetensors` package (imported here, where the format is needed, so that
+    `models/` imports without it), or PretrainedLoadError saying how to install it."""
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError:
+        raise PretrainedLoadError(f"{action} needs the safetensors package: "
+                                  f"pip install safetensors") from None
+    return safetensors
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], f: BinaryIO,
                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` to the binary file object `f` in the `.safetensors` format.
+    """Write `tensors` to the binary file object `f` in the `.safetensors` format (by the
+    `safetensors` library).
 
-    Use it with a file opened for writing (or an atomic writer); the tensors are moved to
-    the CPU and made contiguous, shared memory is written once per name.
+    Use it with a file opened for writing through an atomic writer (temporary file, then
+    rename), so a crash leaves no half file. The tensors are moved to the CPU and made
+    contiguous; tensors that share memory are written as separate copies.
     """
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}}
-    ordered, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        if t.dtype not in _ST_NAMES:
-            raise ValueError(f"{name}: dtype {t.dtype} has no safetensors code")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        ordered.append(t)
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format allows trailing spaces; keeps data aligned
-    f.write(struct.pack("<Q", len(raw)))
+    st = _safetensors("writing a .safetensors file")
+    flat, storages = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in storages:
+            t = t.clone()  # the library refuses tensors that share memory: give it a copy
+        storages.add(t.untyped_storage().data_ptr())
+        flat[str(name)] = t
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    try:
+        raw = st.torch.save(flat, metadata=meta)
+    except (st.SafetensorError, ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"cannot write these tensors as .safetensors: {e}") from None
     f.write(raw)
-    for t in ordered:  # raw little-endian bytes (as CPU tensors are on supported platforms)
-        if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a `.safetensors` file: (tensors on the CPU, metadata). Raises
-    PretrainedLoadError naming the file when it is truncated or malformed."""
+    """Read a `.safetensors` file, memory-mapped by the `safetensors` library: (tensors on
+    the CPU, metadata). The library checks the whole header (tensors that overlap, leave
+    gaps or run past the data, trailing bytes, a header length past the end, malformed
+    JSON, negative or overflowing shapes); any such file raises PretrainedLoadError naming
+    it."""
     path = Path(path)
-    buf = bytearray(path.read_bytes())
+    st = _safetensors(f"reading {path}")
     try:
-        if len(buf) < 8:
-            raise ValueError("shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", bytes(buf[:8]))
-        if n > len(buf) - 8:
-            raise ValueError(f"header of {n} bytes in a file of {len(buf)} (truncated?)")
-        header = json.loads(bytes(buf[8:8 + n]))
-        metadata = header.pop("__metadata__", None) or {}
-        data_len = len(buf) - 8 - n
-        tensors = {}
-        for name, info in header.items():
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(v) for v in info["data_offsets"])
-            count = 1
-            for s in shape:
-                count *= s
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if not 0 <= begin <= end <= data_len or end - begin != count * itemsize:
-                raise ValueError(f"tensor {name}: bytes {begin}-{end} do not fit shape {shape} "
-                                 f"of {info['dtype']} in {data_len} data bytes (truncated?)")
-            t = (torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
-                 if count else torch.empty(0, dtype=dtype))
-            tensors[name] = t.reshape(shape)
-    except (ValueError, KeyError, TypeError, struct.error) as e:
-        raise PretrainedLoadError(f"{path}: not a readable .safetensors file ({e})") from None
+        with st.safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except OSError as e:
+        raise PretrainedLoadError(f"{path}: cannot be opened ({e})") from None
+    except (st.SafetensorError, ValueError, TypeError, RuntimeError) as e:
+        raise PretrainedLoadError(f"{path}: not a valid .safetensors file: the file is "
+                                  f"truncated, damaged or in another format ({e})") from None
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -174,7 +165,8 @@ def _is_state_dict(obj) -> bool:
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove `module.backbone.`, `backbone.` or `module.` (the first that matches)."""
+    """Remove the first of `STRIP_PREFIXES` that matches from each key: `module.backbone.`,
+    `backbone.`, `module.` or `encoder.`. Two keys that become the same name are an error."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         name = next((key[len(p):] for p in STRIP_PREFIXES if key.startswith(p)), key)

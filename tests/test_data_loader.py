@@ -253,10 +253,15 @@ def _view_hashes(views):
 
 
 def test_distinct_parameters_across_ranks_and_workers(tmp_path):
-    # One structured volume named 200 times: two views are equal only if their crop,
-    # scale and flip parameters are (geometric views only, so no noise hides equality).
+    # One structured volume under 200 names (links; a list file may not repeat an entry):
+    # two views are equal only if their crop, scale and flip parameters are (geometric
+    # views only, so no noise hides equality).
     vol = _ct_like((100, 100, 12), 13)
-    lst = _make_dataset(str(tmp_path), [("v.npy", vol)] * 200)
+    _make_dataset(str(tmp_path), [("v.npy", vol)])
+    folder = tmp_path / "DL_patches_v2"
+    for i in range(200):
+        os.symlink(folder / "v.npy", folder / f"v{i}.npy")
+    lst = _make_dataset(str(tmp_path), [(f"v{i}.npy", None) for i in range(200)])
     hashes = {}
     for rank in (0, 1):
         ds = dl.DeepLesionSSL(lst, global_crop_size=(8, 48, 48), local_crop_size=(8, 24, 24),

@@ -267,6 +267,7 @@ def test_export_backbone_round_trip(tmp_path, pretrained, capsys):
     assert load_file(str(tmp_path / "s.safetensors")).keys() == exported.keys()
 
 
+@pytest.mark.slow
 def test_readme_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     readme = (REPO / "README.md").read_text()
     section = readme.split("<!-- finetune-snippet:start -->")[1]
