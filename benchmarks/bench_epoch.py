@@ -3,6 +3,7 @@
     python benchmarks/bench_epoch.py                       # GPU: res3d50, batch 32, out_dim 60000, 10 workers
     python benchmarks/bench_epoch.py --format nii.gz nii npy --num_workers 4 8 12
     python benchmarks/bench_epoch.py --device cpu          # CPU: res3d10, batch 2, out_dim 1024, 2 workers
+    python benchmarks/bench_epoch.py --format npy b2nd --cold off on --dir /data/tmp  # disk too
 
 Synthetic CT sub-volumes of 24x288x288 int16 (DeepLesion tiles after the central crop,
 `synthetic_ct.phantom`) are written with `splitting_to_patches.write_tile` in each
@@ -20,12 +21,16 @@ is `main_desd.train_one_epoch` itself. Three rates, so the bottleneck shows:
 
 Medians over `--iters` per-batch intervals after `--warmup`; "wall" is the mean over the
 same interval (loader stalls are bursty, so both are shown). The files are in the page
-cache: disk speed is not measured.
+cache unless `--cold`: then every worker evicts each file from the page cache just before
+reading it (`bench_loader.cold_reads`), so the loader reads from the disk under `--dir`,
+as it does when the data set is larger than the machine's memory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import itertools
 import os
 import statistics
 import sys
@@ -38,10 +43,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import bench_loader  # noqa: E402
 import bench_train as bt  # noqa: E402
 import main_desd  # noqa: E402
 import splitting_to_patches  # noqa: E402
-import volume_io  # noqa: E402
+from common import cli  # noqa: E402
+from models.res3d import NORM_IMPLS, STEM_IMPLS  # noqa: E402
 from synthetic_ct import phantom  # noqa: E402
 
 
@@ -50,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", nargs="+", default=["nii.gz"], choices=["nii.gz", "nii", "npy", "b2nd"],
                    help="Storage formats to time (nii.gz is the published one; b2nd needs blosc2).")
     p.add_argument("--files", type=int, default=32, help="Distinct sub-volumes written (cycled).")
+    p.add_argument("--crop", type=int, nargs=3, default=[16, 96, 96], metavar=("D", "H", "W"),
+                   help="Global view size (published: 16 96 96; smaller only for smoke runs).")
     p.add_argument("--shape", type=int, nargs=3, default=[24, 288, 288], metavar=("D", "H", "W"),
                    help="Sub-volume size, (z, y, x) (published tile after the central crop).")
     p.add_argument("--num_workers", "--workers", type=int, nargs="+", default=None,
@@ -59,9 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dim", type=int, default=None, help="Prototypes (default: 60000 GPU, 1024 CPU).")
     p.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16", "fp16"],
                    help="Step precision (default: bf16 on a GPU that supports it, else fp32).")
-    p.add_argument("--channels_last", default=False, **volume_io.BOOL,
+    p.add_argument("--channels_last", default=False, **cli.BOOL,
                    help="channels_last_3d (the trainer applies it on CUDA only).")
-    p.add_argument("--compile", default=False, **volume_io.BOOL,
+    p.add_argument("--compile", default=False, **cli.BOOL,
                    help="torch.compile the networks (give --warmup >= 3).")
     p.add_argument("--augment_on", default="device", choices=["device", "cpu"],
                    help="Where the intensity augmentation runs: 'device' (this trainer's default: "
@@ -73,6 +82,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "1 avoids spinning threads; workers always use 1).")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the dataset's draws.")
+    p.add_argument("--cold", nargs="+", type=cli.bool_flag, default=[False], metavar="on|off",
+                   help="Reads to time: off = files in the page cache, on = each file evicted "
+                        "from the page cache before it is read (from the disk); e.g. 'off on'.")
+    p.add_argument("--stem", default="conv3d", choices=list(STEM_IMPLS),
+                   help="The trainer's --stem (conv2d: depth folded into channels).")
+    p.add_argument("--norm_impl", default="auto", choices=list(NORM_IMPLS),
+                   help="The trainer's --norm_impl (decomposed: layout-keeping, for compile).")
+    p.add_argument("--fused_optimizer", default=False, **cli.BOOL,
+                   help="The trainer's --fused_optimizer.")
+    p.add_argument("--cuda_graph", default=False, **cli.BOOL,
+                   help="The trainer's --cuda_graph (CUDA only).")
+    p.add_argument("--dir", default=None,
+                   help="Folder for the test files (default: the system's temporary folder); "
+                        "with --cold give one on the disk the data set would live on.")
     return p
 
 
@@ -94,6 +117,22 @@ def write_volumes(folder: str, n: int, fmt: str, shape) -> list[str]:
             splitting_to_patches.write_tile(hu, os.path.join(folder, name), fmt)
         names.append(name)
     return names
+
+
+def cycled_entries(folder: str, names: list[str], count: int) -> list[str]:
+    """`count` list-file entries cycling over the files `names` in `folder`. A list file
+    names each sub-volume once, so each reuse is a hard link under a new name: the same
+    bytes (and page-cache pages) under another entry."""
+    entries = []
+    for k in range(max(count, len(names))):
+        name = names[k % len(names)]
+        if k >= len(names):
+            alias = f"r{k // len(names)}_{name}"
+            if not os.path.exists(os.path.join(folder, alias)):
+                os.link(os.path.join(folder, name), os.path.join(folder, alias))
+            name = alias
+        entries.append(name)
+    return entries
 
 
 def rates(timed: bt.TimedBatches, skip: int, batch: int) -> tuple[float, float, float]:
@@ -120,10 +159,14 @@ def main(argv=None) -> None:
     args.iters = args.iters or (30 if gpu else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
-    crop = (16, 96, 96)
+    crop = tuple(args.crop)
     n = args.warmup + args.iters
+    speed = dict(stem=args.stem, norm_impl=args.norm_impl, fused_optimizer=args.fused_optimizer,
+                 cuda_graph=args.cuda_graph)
+    speed_text = ", ".join(f"{k} {v}" for k, v in speed.items())
     targs = bt.trainer_args(args.arch, args.batch, args.out_dim, crop, 0, args.precision,
-                            args.channels_last, args.compile, niter=n, augment_on=args.augment_on)
+                            args.channels_last, args.compile, niter=n, augment_on=args.augment_on,
+                            **speed)
     # One step object for every row: the step-only and end-to-end rows time the same networks.
     bench = bt.StepBench(targs, device, n)
     flop, flop_src = bt.step_flop(args.arch, args.batch, args.out_dim, crop, 0, device)
@@ -133,58 +176,64 @@ def main(argv=None) -> None:
         return f"{100 * flop / med / 1e12 / peak:.1f}%" if peak else "n/a"
 
     rows, step_row = [], None
-    with tempfile.TemporaryDirectory(prefix="bench_epoch_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_epoch_", dir=args.dir) as tmp:
+        fstype = bench_loader.filesystem_of(tmp)
         for fmt in args.format:
             t0 = time.perf_counter()
             names = write_volumes(tmp, args.files, fmt, args.shape)
             need = (n + 2) * args.batch
             list_file = os.path.join(tmp, f"list_{fmt}.txt")
+            entries = cycled_entries(tmp, names, need)
             with open(list_file, "w") as f:
-                f.write("\n".join(names[k % len(names)] for k in range(max(need, len(names)))) + "\n")
+                f.write("\n".join(entries) + "\n")
             print(f"  wrote {args.files} {fmt} files in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
-            for workers in args.num_workers:
+            for cold, workers in itertools.product(args.cold, args.num_workers):
+                reads = "disk" if cold else "page cache"
                 largs = bt.trainer_args(args.arch, args.batch, args.out_dim, crop, 0,
                                         args.precision, niter=n, augment_on=args.augment_on)
                 largs.list_path, largs.num_workers, largs.seed = list_file, workers, args.seed
-                dataset, _, loader, _ = main_desd.build_loader(largs, 0, 1, device)
-                dataset.set_epoch(0)
-                timed = bt.TimedBatches(loader, n, device)
-                cached = None
-                for views in timed:
-                    cached = cached if cached is not None else views
-                med, sps, wall = rates(timed, args.warmup, args.batch)
-                # prefetched batches arrive back to back: the median interval says nothing,
-                # the mean over the whole interval (wall) is the loader's rate
-                rows.append([fmt, str(workers), "loader only", "-", "-",
-                             f"{wall:.1f}", f"{wall / max(workers, 1):.1f}", "-"])
-                if step_row is None:
-                    timed = bt.TimedBatches(cached, n, device, repeat=True)
+                # workers start on the first batch, inside the context: they evict too
+                with bench_loader.cold_reads() if cold else contextlib.nullcontext():
+                    dataset, _, loader, _ = main_desd.build_loader(largs, 0, 1, device)
+                    dataset.set_epoch(0)
+                    timed = bt.TimedBatches(loader, n, device)
+                    cached = None
+                    for views in timed:
+                        cached = cached if cached is not None else views
+                    med, sps, wall = rates(timed, args.warmup, args.batch)
+                    # prefetched batches arrive back to back: the median interval says
+                    # nothing, the mean over the whole interval (wall) is the loader's rate
+                    rows.append([fmt, str(workers), "loader only", "-", "-",
+                                 f"{wall:.1f}", f"{wall / max(workers, 1):.1f}", "-", reads])
+                    if step_row is None:
+                        timed = bt.TimedBatches(cached, n, device, repeat=True)
+                        bench.run(timed)
+                        med, sps, wall = rates(timed, args.warmup, args.batch)
+                        step_row = ["(cached batch)", "-", "step only", f"{med * 1e3:.1f}",
+                                    f"{sps:.1f}", f"{wall:.1f}", "-", mfu(med), "-"]
+                    timed = bt.TimedBatches(loader, n, device)
                     bench.run(timed)
                     med, sps, wall = rates(timed, args.warmup, args.batch)
-                    step_row = ["(cached batch)", "-", "step only", f"{med * 1e3:.1f}", f"{sps:.1f}",
-                                f"{wall:.1f}", "-", mfu(med)]
-                timed = bt.TimedBatches(loader, n, device)
-                bench.run(timed)
-                med, sps, wall = rates(timed, args.warmup, args.batch)
-                rows.append([fmt, str(workers), "end to end", f"{med * 1e3:.1f}", f"{sps:.1f}",
-                             f"{wall:.1f}", "-", mfu(med)])
-                print(f"  done: {fmt}, {workers} workers", file=sys.stderr, flush=True)
-                del loader  # ends its persistent workers
-            for name in set(names):
+                    rows.append([fmt, str(workers), "end to end", f"{med * 1e3:.1f}", f"{sps:.1f}",
+                                 f"{wall:.1f}", "-", mfu(med), reads])
+                    print(f"  done: {fmt}, {workers} workers, {reads}", file=sys.stderr, flush=True)
+                    del loader  # ends its persistent workers
+            for name in set(entries):
                 os.remove(os.path.join(tmp, name))
     rows.insert(0, step_row)
     notes = [f"medians over {args.iters} batches after {args.warmup} warm-up batches; wall = mean over "
              f"the same batches; torch threads in the main process: {torch.get_num_threads()}",
              f"FLOP per step {flop / 1e12:.4f} TFLOP ({flop_src}); "
              + ("MFU vs the dense peak of the GPU" if peak else "MFU n/a (no honest peak for this device)"),
-             "files in the page cache: disk reads are not measured"]
+             "reads: page cache = files in memory; disk = every file evicted from the page "
+             f"cache before each read ({fstype} under {args.dir or tempfile.gettempdir()})"]
     bt.print_table(f"Epoch throughput: {args.arch}, batch {args.batch}, out_dim {args.out_dim}, "
                    f"{args.precision}, channels_last {args.channels_last}, compile {args.compile}, "
-                   f"augmentation on {args.augment_on}, "
+                   f"augmentation on {args.augment_on}, {speed_text}, "
                    f"{'x'.join(map(str, args.shape))} int16 sub-volumes, {args.files} files, device {device}",
                    ["format", "workers", "what", "median ms/batch", "samples/s", "wall samples/s",
-                    "per worker", "MFU"], rows, notes)
+                    "per worker", "MFU", "reads"], rows, notes)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,23 @@ formats take turns on the same files (interleaved, so a busy machine slows all a
   GPU it runs beside the training step).
 
 `--layouts` adds the .b2nd layout comparison that chose the default (bytes and worker
-time of a few chunk/block/codec/filter choices). The files are in the page cache, so
-disk speed is not measured.
+time of a few chunk/block/codec/filter choices). These columns read files in the page
+cache. `--cold` adds the same read and worker times with each file evicted from the page
+cache just before it is read (`posix_fadvise(POSIX_FADV_DONTNEED)` after an fsync; the
+share of its pages still resident afterwards is printed, by `mincore`), i.e. from the disk
+under `--dir`, and how many workers that rate needs for `--target` samples/s. A data set
+of 125k sub-volumes (230-500 GB) does not fit in most machines' memory, so this is the
+rate of a real epoch. On tmpfs eviction does nothing: the file system type is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gzip
+import math
+import mmap
 import os
 import statistics
 import sys
@@ -48,6 +57,7 @@ import re_spacing_ITK  # noqa: E402
 import splitting_to_patches  # noqa: E402
 import utils  # noqa: E402
 import volume_io  # noqa: E402
+from common import cli  # noqa: E402
 from synthetic_ct import phantom  # noqa: E402
 
 FORMATS = ("nii.gz", "nii", "npy", "b2nd")
@@ -65,17 +75,108 @@ LAYOUTS = (
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--files", type=volume_io.int_at_least(1), default=8,
+    p.add_argument("--files", type=cli.int_at_least(1), default=8,
                    help="distinct sub-volumes per format")
-    p.add_argument("--rounds", type=volume_io.int_at_least(1), default=7,
+    p.add_argument("--rounds", type=cli.int_at_least(1), default=7,
                    help="timed rounds (formats interleaved in each); medians are reported")
-    p.add_argument("--batch", type=volume_io.int_at_least(1), default=32,
+    p.add_argument("--batch", type=cli.int_at_least(1), default=32,
                    help="batch size of the device-augmentation timing")
-    p.add_argument("--threads", type=volume_io.int_at_least(1), default=1,
+    p.add_argument("--threads", type=cli.int_at_least(1), default=1,
                    help="torch threads (a DataLoader worker uses one)")
-    p.add_argument("--layouts", default=False, **volume_io.BOOL,
+    p.add_argument("--layouts", default=False, **cli.BOOL,
                    help="also compare .b2nd layouts (what chose the default)")
+    p.add_argument("--cold", default=False, **cli.BOOL,
+                   help="also time reads with each file evicted from the page cache first (disk)")
+    p.add_argument("--dir", default=None,
+                   help="folder for the test files (default: the system's temporary folder); "
+                        "give one on the disk the data set would live on for --cold")
+    p.add_argument("--target", type=float, default=1300.0,
+                   help="samples/s the loader must deliver (issue 23's goal on one H100); "
+                        "--cold prints the workers each format needs for it")
     return p
+
+
+# ----------------------------------------------------------------------------- the page cache
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def evict(path: str) -> None:
+    """Drop `path`'s pages from the page cache, so that its next read comes from the disk.
+    Dirty pages are not dropped, so the file is written back first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident_fraction(path: str) -> float:
+    """Share of `path`'s pages in the page cache (mincore on a mapping that is never read)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            return sum(v & 1 for v in vec) / pages
+        finally:
+            _libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def cold_reads():
+    """Inside: `data_loader_ssl.open_subvolume` and `load_subvolume` evict their file first,
+    in this process and in DataLoader workers started inside (they are forked with it)."""
+    saved = dl.open_subvolume, dl.load_subvolume
+    inside = []  # open_subvolume reads through load_subvolume: evict once per read
+
+    def cold(fn):
+        def read(path):
+            if inside:
+                return fn(path)
+            evict(path)
+            inside.append(path)
+            try:
+                return fn(path)
+            finally:
+                inside.pop()
+        return read
+    dl.open_subvolume, dl.load_subvolume = cold(saved[0]), cold(saved[1])
+    try:
+        yield
+    finally:
+        dl.open_subvolume, dl.load_subvolume = saved
+
+
+def filesystem_of(folder: str) -> str:
+    """Type of the file system `folder` is on (the longest mount point of /proc/mounts)."""
+    folder, best = os.path.realpath(folder), ("", "unknown")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                _, mount, fstype = line.split()[:3]
+                inside = folder == mount or folder.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > len(best[0]):
+                    best = (mount, fstype)
+    except OSError:
+        pass
+    return best[1]
 
 
 def ct_tile(seed: int, shape_zyx=(24, 288, 288)) -> np.ndarray:
@@ -111,7 +212,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tiles = [ct_tile(k) for k in range(args.files)]
         paths = {fmt: [] for fmt in FORMATS}
         for k, tile in enumerate(tiles):
@@ -124,6 +225,17 @@ def main(argv=None):
                            idx, args.rounds)
         worker = interleaved({f: (lambda i, f=f: dl.make_views(dl.open_subvolume(paths[f][i]), rng))
                               for f in FORMATS}, idx, args.rounds)
+        cold = None
+        if args.cold:
+            with cold_reads():  # the same calls, each file evicted just before it is read
+                cold = (interleaved({f: (lambda i, f=f: dl.load_subvolume(paths[f][i]))
+                                     for f in FORMATS}, idx, args.rounds),
+                        interleaved({f: (lambda i, f=f: dl.make_views(dl.open_subvolume(paths[f][i]), rng))
+                                     for f in FORMATS}, idx, args.rounds))
+            for ps in paths.values():
+                evict(ps[0])
+            resident = {f: resident_fraction(ps[0]) for f, ps in paths.items()}
+            fstype = filesystem_of(tmp)
         saved, volume_io._gzip = volume_io._gzip, gzip  # zlib's decoder
         try:
             zlib_worker = interleaved({"zlib": lambda i: dl.make_views(
@@ -179,6 +291,20 @@ def main(argv=None):
     print(f"CPU intensity aug {cpu_aug * 1e3:.2f} ms per sample; device aug (B={args.batch}, this "
           f"CPU) {dev_aug * 1e3:.2f} ms per sample; published read (nibabel get_fdata, float64) "
           f"of .nii.gz {published * 1e3:.2f} ms")
+    if cold:
+        print(f"\nFrom the disk: every file evicted from the page cache just before its read "
+              f"({fstype} under {args.dir or tempfile.gettempdir()}; pages still resident after "
+              f"an eviction: " + ", ".join(f"{f} {100 * r:.0f}%" for f, r in resident.items())
+              + "); ms per sample")
+        print(f"| format | read | worker | worker samples/s | vs page cache | workers for "
+              f"{args.target:g} samples/s |")
+        print("|---|---|---|---|---|---|")
+        for fmt in FORMATS:
+            t = cold[1][fmt]
+            print(f"| {fmt} | {cold[0][fmt] * 1e3:.2f} | {t * 1e3:.2f} | {1 / t:.0f} | "
+                  f"{worker[fmt] / t:.2f} | {math.ceil(args.target * t)} |")
+        print("workers needed assume reads in parallel do not slow each other (bench_epoch.py "
+              "--cold measures the loader with its workers)")
     if layout_rows:
         print("\n.b2nd layouts (full-depth chunks and blocks):")
         print("| layout | bytes vs nii.gz | write ms | worker ms | worker samples/s |")

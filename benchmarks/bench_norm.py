@@ -1,15 +1,19 @@
 """Device time of res3d50's instance norms per training step, by implementation.
 
     python benchmarks/bench_norm.py                      # GPU: bf16 and fp32, both layouts
+    python benchmarks/bench_norm.py --act on --compile off on   # norm + LeakyReLU, fused by compile
     python benchmarks/bench_norm.py --device cpu --batch 2 --crop 16 48 48
 
 The shapes are those every `InstanceNorm3d` of res3d50 sees in the published step (two
 16x96x96 global views of a batch of 32: 64 samples), collected with forward hooks. Per
 step each norm runs forward with gradients (student) and backward, and forward without
 (teacher); the time of that, summed over all norms, is what one implementation costs a
-step. Implementations (`models.res3d.InstanceNorm3d.impl`): `reference` (PyTorch's own
-route, a batch norm over an (1, N*C, ...) view) and `group_norm` (one channel per group),
-checked against each other in float64 first.
+step. Implementations (`InstanceNorm3d(..., impl=...)`, see `models/res3d.py`): `reference`
+(PyTorch's own route, a batch norm over an (1, N*C, ...) view), `group_norm` (one channel
+per group) and `decomposed` (float32 statistics and one multiply-add in the input's
+layout, for torch.compile), checked against each other in float64 first. `--act on`
+times each norm followed by its LeakyReLU(0.01), `--compile on` each such pair compiled
+(what a compiled network fuses into one pass).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ sys.path.insert(0, REPO)
 from models import build_backbone  # noqa: E402
 from models.res3d import InstanceNorm3d  # noqa: E402
 
-IMPLS = ["reference", "group_norm"]
+IMPLS = ["reference", "group_norm", "decomposed"]
 
 
 def norm_shapes(arch: str, batch: int, crop) -> list[tuple[tuple[int, ...], int]]:
@@ -47,11 +51,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_impl(impl, shapes, device, dtype, channels_last, reps, warmup) -> float:
-    """Median seconds of one step's norm work (fwd+bwd with grad, fwd without)."""
-    InstanceNorm3d.impl = impl
+def time_impl(impl, shapes, device, dtype, channels_last, reps, warmup, act=False,
+              compile_=False) -> float:
+    """Median seconds of one step's norm work (fwd+bwd with grad, fwd without); with `act`
+    each norm is followed by LeakyReLU(0.01), with `compile_` each pair is compiled."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    mods = [InstanceNorm3d(c, affine=True).to(device) for _, c in shapes]
+    mods = []
+    for _, c in shapes:
+        m = InstanceNorm3d(c, affine=True, impl=impl).to(device)
+        if act:
+            m = torch.nn.Sequential(m, torch.nn.LeakyReLU(0.01))
+        mods.append(torch.compile(m) if compile_ else m)
     g = torch.Generator(device=device).manual_seed(0)
     xs = [torch.randn(s, device=device, generator=g, dtype=dtype).contiguous(memory_format=fmt)
           for s, _ in shapes]
@@ -82,8 +92,7 @@ def check(shape, channels, device) -> dict[str, float]:
     gy = torch.randn_like(x)
     errs, ref = {}, None
     for impl in IMPLS:
-        InstanceNorm3d.impl = impl
-        m = InstanceNorm3d(channels, affine=True).to(device, torch.float64)
+        m = InstanceNorm3d(channels, affine=True, impl=impl).to(device, torch.float64)
         with torch.no_grad():
             m.weight.copy_(torch.linspace(0.5, 1.5, channels))
             m.bias.copy_(torch.linspace(-1, 1, channels))
@@ -98,17 +107,24 @@ def check(shape, channels, device) -> dict[str, float]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser("bench_norm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="res3d50")
+    p.add_argument("--arch", default="res3d50", help="Backbone whose norms are timed.")
     p.add_argument("--batch", type=int, default=64, help="Samples per forward (published step: 2 x 32).")
-    p.add_argument("--crop", type=int, nargs=3, default=[16, 96, 96], metavar=("D", "H", "W"))
-    p.add_argument("--impl", nargs="+", default=IMPLS, choices=IMPLS)
+    p.add_argument("--crop", type=int, nargs=3, default=[16, 96, 96], metavar=("D", "H", "W"),
+                   help="Global view size (published: 16 96 96).")
+    p.add_argument("--impl", nargs="+", default=IMPLS, choices=IMPLS,
+                   help="Instance-norm routes to time (models.res3d.InstanceNorm3d's impl).")
     p.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
                    help="Autocast dtypes (default: fp32 bf16 on GPU, fp32 on CPU).")
     p.add_argument("--channels_last", nargs="+", default=None, choices=["off", "on"],
                    help="Layouts (default: off on on GPU, off on CPU).")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default=None)
+    p.add_argument("--act", default="off", choices=["off", "on"],
+                   help="Time each norm followed by its LeakyReLU(0.01) (what a step runs).")
+    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
+                   help="Also time each norm (+ activation) compiled by torch.compile; give "
+                        "--warmup >= 2 with 'on' (the first calls compile).")
+    p.add_argument("--reps", type=int, default=5, help="Timed repetitions (median reported).")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed repetitions first.")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available).")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
@@ -123,15 +139,20 @@ def main(argv=None) -> None:
           f"torch {torch.__version__}")
     print("float64 check, max relative error vs reference: "
           + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
-    print("| dtype | channels_last | " + " | ".join(f"{i} ms" for i in args.impl) + " |")
-    print("|---|---|" + "---|" * len(args.impl))
+    print(f"norm{' + LeakyReLU' if args.act == 'on' else ''}, fwd + bwd + teacher fwd, ms per step")
+    print("| dtype | channels_last | compile | " + " | ".join(f"{i} ms" for i in args.impl) + " |")
+    print("|---|---|---|" + "---|" * len(args.impl))
+    if "on" in args.compile:  # one compiled graph per norm shape: more than dynamo's default
+        from torch._dynamo import config as dynamo_config
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 4 * len(shapes))
     for dt in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
         for cl in layouts:
-            ms = [1e3 * time_impl(i, shapes, device, dtype, cl == "on", args.reps, args.warmup)
-                  for i in args.impl]
-            print(f"| {dt} | {cl} | " + " | ".join(f"{m:.1f}" for m in ms) + " |", flush=True)
-    InstanceNorm3d.impl = "auto"
+            for comp in args.compile:
+                ms = [1e3 * time_impl(i, shapes, device, dtype, cl == "on", args.reps, args.warmup,
+                                      args.act == "on", comp == "on") for i in args.impl]
+                print(f"| {dt} | {cl} | {comp} | " + " | ".join(f"{m:.1f}" for m in ms) + " |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --precision bf16 --channels_last off on --compile off on
     python benchmarks/bench_train.py --flops --device cpu              # FLOP per step (FlopCounterMode)
     python benchmarks/bench_train.py --device cpu --iters 3 --warmup 1 # CPU: batch 2
+    python benchmarks/bench_train.py --config precision=bf16 --config precision=bf16,stem=conv2d  # 2 rows
 
 Each step is `main_desd.train_one_epoch` itself, fed a cached batch (pinned on CUDA) by an
 iterable that stamps the time whenever the trainer asks for the next batch: device
@@ -20,6 +21,11 @@ peak is used). FLOP per step: the issue's 2.852 TFLOP per batch of 32 for the pu
 configuration, scaled with the batch; otherwise counted with `FlopCounterMode` on one
 step at batch 1 (`--flops` prints the count and checks it against the published figure).
 On a CPU no honest peak is known: MFU is n/a; the achieved FLOP/s is shown.
+
+Rows are every combination of the list flags (`--precision`, `--norm_impl`, `--stem`,
+`--channels_last`, `--compile`, `--fused_optimizer`, `--cuda_graph`), or, with `--config`,
+exactly the rows given (each a comma-separated list of those settings; the unnamed ones
+take the first value of their list flag, and `profile=N` profiles that row alone).
 """
 from __future__ import annotations
 
@@ -41,8 +47,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import main_desd  # noqa: E402
 import utils  # noqa: E402
-import volume_io  # noqa: E402
-from models.res3d import InstanceNorm3d  # noqa: E402
+from common import cli  # noqa: E402
+from models.res3d import NORM_IMPLS, STEM_IMPLS  # noqa: E402
 
 # The issue's figure: res3d50, out_dim 60000, two 16x96x96 global views, no local views,
 # teacher forward + student forward and backward, per batch of 32.
@@ -61,7 +67,7 @@ PEAK_TFLOPS = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("bench_train", add_help=False)
-    onoff = volume_io.bool_flag
+    onoff = cli.bool_flag
     p.add_argument("--arch", default="res3d50", help="Backbone (published: res3d50).")
     p.add_argument("--batch", type=int, default=None,
                    help="Samples per device and step (default: 32 on GPU, as published; 2 on CPU).")
@@ -93,11 +99,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "OpenMP threads on busy cores made a CPU step 3x slower here.")
     p.add_argument("--force_cpu_bf16", action="store_true",
                    help="Time bf16 on a CPU without native bf16 (very slow: minutes per step).")
-    p.add_argument("--norm_impl", nargs="+", default=["auto"],
-                   choices=["auto", "group_norm", "reference"],
-                   help="How models.res3d.InstanceNorm3d computes (same function): auto (the "
-                        "default: group_norm without autocast, reference with it), group_norm, "
-                        "reference (PyTorch's own instance norm).")
+    p.add_argument("--norm_impl", nargs="+", default=["auto"], choices=list(NORM_IMPLS),
+                   help="The trainer's --norm_impl (same function): auto (the default: "
+                        "group_norm without autocast, reference with it), group_norm, reference "
+                        "(PyTorch's own instance norm), decomposed (keeps the layout; for compile).")
+    p.add_argument("--stem", nargs="+", default=["conv3d"], choices=list(STEM_IMPLS),
+                   help="The trainer's --stem: conv3d (default) or conv2d (depth folded into "
+                        "channels; the same function).")
+    p.add_argument("--fused_optimizer", nargs="+", type=onoff, default=[False], metavar="on|off",
+                   help="The trainer's --fused_optimizer variants (one fused kernel per step).")
+    p.add_argument("--cuda_graph", nargs="+", type=onoff, default=[False], metavar="on|off",
+                   help="The trainer's --cuda_graph variants (the step captured once and "
+                        "replayed; CUDA only, skipped on a CPU).")
+    p.add_argument("--config", action="append", default=None, metavar="K=V,K=V",
+                   help="One row with these settings (keys: precision, norm_impl, stem, "
+                        "channels_last, compile, fused_optimizer, cuda_graph, profile); "
+                        "repeatable; replaces the combinations of the list flags.")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="After timing each variant, profile N more steps with torch.profiler and "
                         "print the operators and kernels that take the most device time.")
@@ -113,8 +130,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def trainer_args(arch, batch, out_dim, crop, local_crops, precision="fp32", channels_last=False,
                  compile_=False, optimizer="sgd", clip_grad=0.0, niter=1,
-                 augment_on="device") -> argparse.Namespace:
-    """The trainer's own argument namespace with the published run's settings."""
+                 augment_on="device", **speed) -> argparse.Namespace:
+    """The trainer's own argument namespace with the published run's settings; `speed`:
+    more of the trainer's speed flags by name (stem, norm_impl, fused_optimizer, cuda_graph)."""
     argv = ["--arch", arch, "--batch_size_per_gpu", str(batch), "--out_dim", str(out_dim),
             "--global_crop_size", *map(str, crop), "--local_crops_number", str(local_crops),
             "--precision", precision, "--channels_last", str(channels_last),
@@ -123,6 +141,8 @@ def trainer_args(arch, batch, out_dim, crop, local_crops, precision="fp32", chan
             "--weight_decay", "1e-6", "--weight_decay_end", "1e-6", "--teacher_temp", "0.07",
             "--epochs", "1", "--warmup_epochs", "0", "--freeze_last_layer", "0",
             "--print_freq", str(10 ** 9), "--augment_on", augment_on]
+    for key, value in speed.items():
+        argv += [f"--{key}", str(value)]
     return main_desd.parse_args(argv)
 
 
@@ -348,63 +368,96 @@ def profile_steps(bench: StepBench, views, device: torch.device, steps: int) -> 
     return f"kernel time per step {total / steps / 1e3:.1f} ms: {summary}\n{table}"
 
 
+SETTINGS = ("precision", "norm_impl", "stem", "channels_last", "compile", "fused_optimizer",
+            "cuda_graph")
+
+
+def variants(args) -> list[dict]:
+    """The rows to time: every combination of the list flags, or the `--config` rows."""
+    lists = {k: getattr(args, k) for k in SETTINGS}
+    if not args.config:
+        return [dict(zip(SETTINGS, combo), profile=args.profile)
+                for combo in itertools.product(*lists.values())]
+    rows = []
+    for text in args.config:
+        row = {k: v[0] for k, v in lists.items()} | {"profile": args.profile}
+        for item in filter(None, text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or key not in row:
+                raise SystemExit(f"bench_train: --config {text!r}: {item!r} is not KEY=VALUE with "
+                                 f"KEY one of {', '.join(row)}")
+            if key == "profile":
+                row[key] = int(value)
+            elif key in ("channels_last", "compile", "fused_optimizer", "cuda_graph"):
+                row[key] = cli.bool_flag(value)
+            else:
+                row[key] = value
+        rows.append(row)
+    return rows
+
+
+def onoff_text(v: bool) -> str:
+    return "on" if v else "off"
+
+
 def run_timing(args, device) -> None:
     rows, notes, profiles = [], [], []
     flop, flop_src = step_flop(args.arch, args.batch, args.out_dim, args.crop, args.local_crops, device)
     n = args.warmup + args.iters
-    for precision, impl in itertools.product(args.precision, args.norm_impl):
-        InstanceNorm3d.impl = impl
-        ok, why = precision_supported(device, precision)
-        if not ok:
-            if impl == args.norm_impl[0]:
-                notes.append(f"{precision}: skipped ({why})")
+    for v in variants(args):
+        ok, why = precision_supported(device, v["precision"])
+        skip = None if ok else f"{v['precision']}: skipped ({why})"
+        if v["channels_last"] and device.type != "cuda":
+            skip = "channels_last on: skipped (the trainer applies it on CUDA only)"
+        if v["cuda_graph"] and device.type != "cuda":
+            skip = "cuda_graph on: skipped (CUDA graphs need a GPU)"
+        if skip:
+            if skip not in notes:
+                notes.append(skip)
             continue
-        for cl in args.channels_last:
-            if cl and device.type != "cuda":
-                notes.append("channels_last on: skipped (the trainer applies it on CUDA only)")
-                continue
-            for comp in args.compile:
-                targs = trainer_args(args.arch, args.batch, args.out_dim, args.crop, args.local_crops,
-                                     precision, cl, comp, args.optimizer, args.clip_grad, n)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                bench = StepBench(targs, device, n)
-                views = synthetic_batch(args.batch, args.crop, args.local_crops, device)
-                timed = TimedBatches(views, n, device, repeat=True)
-                bench.run(timed)
-                secs = timed.step_seconds(args.warmup)
-                med = statistics.median(secs)
-                peak = peak_tflops(device, precision)
-                achieved = flop / med / 1e12
-                rows.append([precision, impl, "on" if cl else "off", "on" if comp else "off",
-                             f"{med * 1e3:.1f}", f"{min(secs) * 1e3:.1f}-{max(secs) * 1e3:.1f}",
+        speed = {k: v[k] for k in ("stem", "norm_impl", "fused_optimizer", "cuda_graph")}
+        targs = trainer_args(args.arch, args.batch, args.out_dim, args.crop, args.local_crops,
+                             v["precision"], v["channels_last"], v["compile"], args.optimizer,
+                             args.clip_grad, n, **speed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        bench = StepBench(targs, device, n)
+        views = synthetic_batch(args.batch, args.crop, args.local_crops, device)
+        timed = TimedBatches(views, n, device, repeat=True)
+        bench.run(timed)
+        secs = timed.step_seconds(args.warmup)
+        med = statistics.median(secs)
+        peak = peak_tflops(device, v["precision"])
+        achieved = flop / med / 1e12
+        label = [v["precision"], v["norm_impl"], v["stem"], onoff_text(v["channels_last"]),
+                 onoff_text(v["compile"]), onoff_text(v["fused_optimizer"]), onoff_text(v["cuda_graph"])]
+        rows.append(label + [f"{med * 1e3:.1f}", f"{min(secs) * 1e3:.1f}-{max(secs) * 1e3:.1f}",
                              f"{args.batch / med:.2f}", f"{achieved:.3f}",
                              f"{peak:g}" if peak else "n/a",
                              f"{100 * achieved / peak:.1f}%" if peak else "n/a", peak_memory(device)])
-                print(f"  done: {precision} norm={impl} channels_last={cl} compile={comp}: "
-                      f"{med * 1e3:.1f} ms/step",
-                      file=sys.stderr, flush=True)
-                if args.profile:
-                    try:
-                        text = profile_steps(bench, views, device, min(args.profile, n))
-                    except Exception as err:  # a profiler failure must not cost the timings
-                        text = f"profiler failed: {err!r}"
-                    profiles.append((f"{precision}, norm {impl}, channels_last {'on' if cl else 'off'}, compile "
-                                     f"{'on' if comp else 'off'}", text))
-                del bench, views, timed
+        print(f"  done: {' '.join(f'{k}={v[k]}' for k in SETTINGS)}: {med * 1e3:.1f} ms/step",
+              file=sys.stderr, flush=True)
+        if v["profile"]:
+            try:
+                text = profile_steps(bench, views, device, min(v["profile"], n))
+            except Exception as err:  # a profiler failure must not cost the timings
+                text = f"profiler failed: {err!r}"
+            profiles.append((", ".join(f"{k} {v[k]}" for k in SETTINGS), text))
+        del bench, views, timed
     notes.append(f"FLOP per step: {flop / 1e12:.4f} TFLOP ({flop_src}); medians over {args.iters} "
                  f"steps after {args.warmup} warm-up steps; range = fastest-slowest timed step")
-    InstanceNorm3d.impl = "auto"
     if device.type != "cuda":
         notes.append("MFU n/a on CPU: no honest peak for this shared, virtualised CPU")
+    header = ["precision", "norm", "stem", "channels_last", "compile", "fused opt", "cuda graph",
+              "median ms", "range ms", "samples/s", "TFLOP/s", "peak TFLOP/s", "MFU", "peak mem"]
     print_table(f"Training step: {args.arch}, batch {args.batch}, out_dim {args.out_dim}, "
                 f"2 global views {'x'.join(map(str, args.crop))} + {args.local_crops} local, "
                 f"optimizer {args.optimizer}, clip_grad {args.clip_grad:g}, device {device}",
-                ["precision", "norm", "channels_last", "compile", "median ms", "range ms", "samples/s",
-                 "TFLOP/s", "peak TFLOP/s", "MFU", "peak mem"], rows, notes)
+                header, rows, notes)
     if args.json:
-        keys = ["precision", "norm", "channels_last", "compile", "median_ms", "range_ms", "samples_per_s",
-                "tflops", "peak_tflops", "mfu", "peak_mem"]
+        keys = ["precision", "norm", "stem", "channels_last", "compile", "fused_optimizer",
+                "cuda_graph", "median_ms", "range_ms", "samples_per_s", "tflops", "peak_tflops",
+                "mfu", "peak_mem"]
         with open(args.json, "w") as f:
             json.dump({"machine": machine_line(), "command": command_line(), "notes": notes,
                        "rows": [dict(zip(keys, r)) for r in rows]}, f, indent=1)
