@@ -218,8 +218,9 @@ def main(argv=None):
     if not tasks and not failures:
         print(f"DL_save_nifti: no series folders in {png_dir}", file=sys.stderr)
         return 1
-    return stages.run_tasks(convert_run, tasks, args.num_workers, "DL_save_nifti",
-                               out_dir / "DL_save_nifti_failures.txt", bad_rows + failures)
+    return stages.run_exclusive("DL_save_nifti", [out_dir], lambda: stages.run_tasks(
+        convert_run, tasks, args.num_workers, "DL_save_nifti",
+        out_dir / "DL_save_nifti_failures.txt", bad_rows + failures))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ Randomness: every draw for sample ``i`` comes from
 of workers or their order, differ across ranks and epochs (the release seeded every
 rank alike, docs/method.md §7), and a resumed run reproduces them exactly.
 
-Typical use::
+Typical use (what main_desd.py does, through ``utils.StepRunner``)::
 
-    ds = DeepLesionSSL(list_file, augment_on="device", rank=rank)
-    aug = BatchIntensityAugment()
+    ds = DeepLesionSSL(list_file, augment_on="device", seed=seed, rank=rank)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, drop_last=True)
+    aug, gen = BatchIntensityAugment(), torch.Generator(device=device)
     for epoch in range(start, epochs):
         ds.set_epoch(epoch)                  # before iter(loader), also with persistent workers
         for i, views in enumerate(loader):
-            gen.manual_seed(hash_of(seed, rank, epoch, i))   # a torch.Generator on `device`
+            gen.manual_seed(utils.sub_seed(seed, rank, epoch, i))   # one stream per step
             with torch.no_grad():
                 views = aug([v.to(device, non_blocking=True) for v in views], gen)
 """

@@ -75,8 +75,9 @@ def main(argv=None):
         return 1
     tasks = [(str(p), (p, out_dir / p.name, tuple(args.spacing), args.overwrite,
                        args.compression_level)) for p in inputs]
-    return stages.run_tasks(resample_file, tasks, args.num_workers, "re_spacing_ITK",
-                               out_dir / "re_spacing_ITK_failures.txt")
+    return stages.run_exclusive("re_spacing_ITK", [out_dir], lambda: stages.run_tasks(
+        resample_file, tasks, args.num_workers, "re_spacing_ITK",
+        out_dir / "re_spacing_ITK_failures.txt"))
 
 
 if __name__ == "__main__":

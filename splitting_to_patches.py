@@ -17,7 +17,8 @@ in-plane to the central 80 % when ``w > 320`` (docs/method.md §3), and written 
   CRC-32 per chunk, geometry in its metadata), which the loader reads window by window
   (``volume_io.write_b2nd``; ``pip install blosc2``).
 
-``--convert_to b2nd --list_file L`` converts existing ``.nii.gz``/``.nii`` sub-volumes:
+``--convert_to b2nd --list_file L`` converts existing ``.nii.gz``/``.nii`` sub-volumes
+beside them, only inside the list file's folder (or ``--convert_root``):
     python splitting_to_patches.py --convert_to b2nd --list_file SSL_data_deeplesion.txt
 
 The list file gets one line per sub-volume of the chosen format found in ``--output_dir``,
@@ -25,9 +26,11 @@ sorted, each the path relative to the list file's folder (the defaults give
 ``DL_patches_v2/<name>``); the trainer reads it by the same rule. Existing complete
 outputs are skipped (``--overwrite`` redoes them); volumes that cannot be used are
 listed in ``<output_dir>/splitting_to_patches_failures.txt`` and make the exit code 1.
+A second copy started on the same folder is refused at once (``common.lock``).
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -147,27 +150,51 @@ def convert_file(in_path, fmt, overwrite=False, compression_level=1):
 def convert(args):
     """--convert_to: every sub-volume of --list_file rewritten in the new format beside
     it; the list file is rewritten to name them once all are done (until then it keeps
-    naming the originals, which stay)."""
-    fmt = args.convert_to
-    paths = [Path(p) for p in listfile.read_list_file(args.list_file)]
+    naming the originals, which stay), each line in its own form (relative or absolute).
+    Outputs and the clean-up of a killed conversion's temporary files stay inside
+    --convert_root (default: the list file's folder): an entry outside it is refused by
+    name before anything is written or deleted."""
+    fmt, list_file = args.convert_to, Path(args.list_file)
+    root = os.path.abspath(args.convert_root or list_file.parent)
+    entries = listfile.read_list_entries(list_file)
+    base = os.path.abspath(list_file.parent)
+    outside = [e for e in entries if not os.path.normpath(os.path.join(base, e)).startswith(
+        os.path.join(root, ""))]
+    if outside:
+        where = "--convert_root" if args.convert_root else "the list file's folder"
+        print(f"splitting_to_patches: --convert_to writes beside each sub-volume, and only "
+              f"inside {root} ({where}); {list_file} names {len(outside)} sub-volume(s) outside "
+              f"it, e.g. {', '.join(outside[:5])}. Nothing was converted. If those folders are "
+              f"yours, pass --convert_root with a folder that holds them all", file=sys.stderr)
+        return 1
+    paths = [Path(p) for p in listfile.read_list_file(list_file)]
     bad = [p for p in paths if volume_io.volume_suffix(p) not in (".nii.gz", ".nii")]
     if bad:
-        print(f"splitting_to_patches: --convert_to reads NIfTI sub-volumes; {args.list_file} "
+        print(f"splitting_to_patches: --convert_to reads NIfTI sub-volumes; {list_file} "
               f"lists {len(bad)} others, e.g. {bad[0]}", file=sys.stderr)
         return 1
-    for folder in {p.parent for p in paths}:
-        atomic.remove_stale_temps(folder)
-    tasks = [(str(p), (p, fmt, args.overwrite, args.compression_level)) for p in paths]
-    rc = stages.run_tasks(convert_file, tasks, args.num_workers, "splitting_to_patches",
-                             Path(args.list_file).parent / "splitting_to_patches_failures.txt")
-    if rc:
-        print(f"splitting_to_patches: {args.list_file} left unchanged (it still names the "
-              f"{len(paths)} originals); fix the failures and run again", file=sys.stderr)
-        return rc
-    listfile.write_list_file(args.list_file, [p.with_name(stem(p) + f".{fmt}") for p in paths])
-    print(f"splitting_to_patches: {len(paths)} sub-volumes converted to .{fmt}; "
-          f"{args.list_file} now names them (the originals can be deleted)", file=sys.stderr)
-    return 0
+    outputs: dict[Path, set[str]] = {}  # folder -> the names written there
+    for p in paths:
+        outputs.setdefault(p.parent, set()).add(stem(p) + f".{fmt}")
+
+    def run():
+        for folder, names in outputs.items():  # a killed conversion's, not anyone else's
+            atomic.remove_stale_temps(folder, names)
+        tasks = [(str(p), (p, fmt, args.overwrite, args.compression_level)) for p in paths]
+        rc = stages.run_tasks(convert_file, tasks, args.num_workers, "splitting_to_patches",
+                              list_file.parent / "splitting_to_patches_failures.txt")
+        if rc:
+            print(f"splitting_to_patches: {list_file} left unchanged (it still names the "
+                  f"{len(paths)} originals); fix the failures and run again", file=sys.stderr)
+            return rc
+        listfile.write_list_entries(list_file, [e[:len(e) - len(volume_io.volume_suffix(e))]
+                                                + f".{fmt}" for e in entries])
+        print(f"splitting_to_patches: {len(paths)} sub-volumes converted to .{fmt}; "
+              f"{list_file} now names them (the originals can be deleted)", file=sys.stderr)
+        return 0
+
+    return stages.run_exclusive("splitting_to_patches --convert_to", [root, *outputs], run,
+                                advice="or convert another list file")
 
 
 def subvolumes(out_dir, fmt):
@@ -196,6 +223,10 @@ def get_args_parser():
                    help="Instead of splitting: rewrite every sub-volume that --list_file names "
                         "in this format, beside the original, then rewrite the list file. "
                         "Resumable and parallel like the split.")
+    p.add_argument("--convert_root", default=None,
+                   help="With --convert_to: the folder the conversion may write in (beside "
+                        "each sub-volume) and clean up in; entries outside it are refused by "
+                        "name. Default: the list file's folder.")
     stages.add_batch_args(p, compression=True)
     return p
 
@@ -220,12 +251,16 @@ def main(argv=None):
         return 1
     tasks = [(str(p), (p, out_dir, args.format, args.overwrite, args.compression_level))
              for p in inputs]
-    rc = stages.run_tasks(split_file, tasks, args.num_workers, "splitting_to_patches",
-                             out_dir / "splitting_to_patches_failures.txt")
-    lines = listfile.write_list_file(args.list_file, subvolumes(out_dir, args.format))
-    print(f"splitting_to_patches: {len(lines)} sub-volumes listed in {args.list_file}",
-          file=sys.stderr)
-    return rc
+
+    def run():
+        rc = stages.run_tasks(split_file, tasks, args.num_workers, "splitting_to_patches",
+                              out_dir / "splitting_to_patches_failures.txt")
+        lines = listfile.write_list_file(args.list_file, subvolumes(out_dir, args.format))
+        print(f"splitting_to_patches: {len(lines)} sub-volumes listed in {args.list_file}",
+              file=sys.stderr)
+        return rc
+
+    return stages.run_exclusive("splitting_to_patches", [out_dir], run)
 
 
 if __name__ == "__main__":

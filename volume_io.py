@@ -140,6 +140,16 @@ def check_nifti_complete(path) -> NiftiInfo:
     return info
 
 
+def refuse_non_finite(array: np.ndarray, path) -> None:
+    """Raise ``VolumeError`` naming ``path`` when a float array holds NaN or inf voxels
+    (they would reach the network and surface only as a non-finite loss)."""
+    if array.dtype.kind == "f":
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise VolumeError(f"{path}: {bad} NaN or inf voxel{'s' if bad > 1 else ''}; a "
+                              f"sub-volume must be finite (re-create it from a finite source)")
+
+
 def validate_geometry(spacing, direction, dimension, path, n_components=1):
     """Raise ``VolumeError`` naming ``path`` unless the image is a valid 3-D scalar volume."""
     if dimension != 3:
@@ -188,7 +198,8 @@ def read_nifti(path, check=True):
 
 
 def volume_suffix(path) -> str:
-    """The full extension of a volume file: '.nii.gz', '.nii', '.npy', or '' if none."""
+    """The full extension of a volume file (`VOLUME_SUFFIXES`, any case): '.nii.gz',
+    '.nii', '.npy', '.b2nd', or '' if none."""
     name = str(path).lower()
     return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
 
@@ -308,28 +319,34 @@ def write_b2nd(array_xyz, path, spacing_xyz=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0
     a = np.asarray(array_xyz)
     if a.ndim != 3 or a.dtype.kind not in "iuf" or min(a.shape) < 1:
         raise ValueError(f"expected a non-empty 3D numeric array, got {a.shape} of {a.dtype}")
+    refuse_non_finite(a, path)  # the readers would refuse the file
     zyx = np.ascontiguousarray(a.transpose(2, 1, 0))
     d, h, w = zyx.shape
     chunks = (d, min(chunk_xy, h), min(chunk_xy, w))
     blocks = (d, min(block_xy, chunks[1]), min(block_xy, chunks[2]))
 
     def check(tmp):
-        if not np.array_equal(B2ndVolume(tmp).read(), a):
+        if not np.array_equal(B2ndVolume(tmp).read(), a, equal_nan=a.dtype.kind == "f"):
             raise WriteError(errno.EIO, f"{tmp} reads back different from what was written")
 
     with atomic_output(path, check) as tmp:
-        arr = blosc2.asarray(zyx, chunks=chunks, blocks=blocks, urlpath=str(tmp), mode="w",
-                             cparams=blosc2.CParams(codec=blosc2.Codec[codec], clevel=clevel,
-                                                    filters=[blosc2.Filter[f] for f in filters],
-                                                    typesize=a.dtype.itemsize, nthreads=1))
-        sc = arr.schunk
-        arr.vlmeta[_B2ND_META] = {
-            "version": _B2ND_VERSION, "shape_zyx": list(zyx.shape), "chunks_zyx": list(chunks),
-            "blocks_zyx": list(blocks), "dtype": a.dtype.str,
-            "spacing_xyz": [float(v) for v in spacing_xyz], "origin_xyz": [float(v) for v in origin],
-            "direction": [float(v) for v in direction],
-            "crc32": np.array([_crc32(sc.get_chunk(i)) for i in range(sc.nchunks)], "<u4").tobytes()}
-        del arr, sc
+        try:
+            arr = blosc2.asarray(zyx, chunks=chunks, blocks=blocks, urlpath=str(tmp), mode="w",
+                                 cparams=blosc2.CParams(codec=blosc2.Codec[codec], clevel=clevel,
+                                                        filters=[blosc2.Filter[f] for f in filters],
+                                                        typesize=a.dtype.itemsize, nthreads=1))
+            sc = arr.schunk
+            arr.vlmeta[_B2ND_META] = {
+                "version": _B2ND_VERSION, "shape_zyx": list(zyx.shape), "chunks_zyx": list(chunks),
+                "blocks_zyx": list(blocks), "dtype": a.dtype.str,
+                "spacing_xyz": [float(v) for v in spacing_xyz],
+                "origin_xyz": [float(v) for v in origin], "direction": [float(v) for v in direction],
+                "crc32": np.array([_crc32(sc.get_chunk(i)) for i in range(sc.nchunks)],
+                                  "<u4").tobytes()}
+            del arr, sc
+        except RuntimeError as e:  # blosc2 reports a failed write (ENOSPC, EFBIG) only so
+            raise WriteError(errno.EIO, f"{tmp} was not written completely (blosc2: {e}); is the "
+                                        f"disk full? {free_space(tmp)}") from None
 
 
 class B2ndVolume:
@@ -385,9 +402,11 @@ class B2ndVolume:
                     raise self._error(f"chunk {i} of {sc.nchunks} fails its CRC-32 check")
                 self._checked.add(i)
         try:
-            return np.asarray(self._arr[key]).transpose(2, 1, 0)
+            out = np.asarray(self._arr[key]).transpose(2, 1, 0)
         except Exception as e:
             raise self._error(f"blosc2 cannot decode it ({e})") from e
+        refuse_non_finite(out, self.path)
+        return out
 
     def window(self, xs: slice, ys: slice, zs: slice = slice(None)) -> np.ndarray:
         """Voxels ``[xs, ys, zs]`` (step 1) as a new ``(x, y, z)`` array."""

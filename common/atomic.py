@@ -136,14 +136,17 @@ def write_text(path, text):
         f.write(text)
 
 
-def remove_stale_temps(folder):
+def remove_stale_temps(folder, names=None):
     """Delete temporary files in ``folder`` left by processes that no longer run (a
-    killed write); return how many. Files of a live process are left alone."""
+    killed write); return how many. Files of a live process are left alone. With
+    ``names``, only the temporaries of those final names (a command that writes into a
+    folder it does not own cleans up after itself only)."""
     folder = Path(folder)
     n = 0
     if folder.is_dir():
         for p in folder.iterdir():
-            if is_temp_name(p.name) and p.is_file() and not _pid_alive(_temp_pid(p.name)):
+            if (is_temp_name(p.name) and p.is_file() and not pid_alive(_temp_pid(p.name))
+                    and (names is None or p.name[1:].rsplit(TEMP_MARK, 1)[0] in names)):
                 p.unlink(missing_ok=True)
                 n += 1
     return n
@@ -158,7 +161,8 @@ def _temp_pid(name: str) -> int | None:
     return int(digits) if digits else None
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """True when a process ``pid`` runs on this machine (this one included)."""
     if pid is None or pid == os.getpid():
         return pid == os.getpid()
     try:

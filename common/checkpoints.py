@@ -1,19 +1,26 @@
 """The trainer's checkpoints: what `checkpoint.pth` holds (plain tensors and values, names
 as in the released checkpoint), writing it atomically with the previous one kept, reading
-it back with a fallback to that previous one, loading it into the run's objects, and
-mapping a checkpoint of the published release onto this trainer's names."""
+it back with a fallback to that previous one (a damaged file is set aside, never
+promoted), refusing a relaunch with other network or optimiser flags, loading it into the
+run's objects, and mapping a checkpoint of the published release onto this trainer's
+names. SIGINT/SIGTERM (`stop_on_signals`) let a save in progress finish, or a second
+signal abandon it, and stop the run with `Stopped`."""
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common import atomic
-from models import read_checkpoint
+from models import declared_arch, read_checkpoint
 from utils import gather_rng_states, print_rank0, read_log
 
 
@@ -49,8 +56,18 @@ def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) 
                 except OSError:  # file systems without hard links
                     shutil.copy2(path, prev_tmp)
 
-    with atomic.atomic_write(path, "wb", before_replace=demote_current) as f:
-        torch.save(obj, f)
+    with signals_deferred():  # a signal now lets the save finish (seconds), then stops
+        try:
+            with atomic.atomic_write(path, "wb", before_replace=demote_current) as f:
+                torch.save(obj, f)
+        except BaseException as e:
+            # a second signal: torch.save turns it into a RuntimeError of its zip writer
+            stop = _interruption(e)
+            if stop is None:
+                raise
+            if isinstance(stop, Stopped):
+                stop.abandoned = path
+            raise stop from None
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -58,12 +75,23 @@ def previous_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}_prev{path.suffix}")
 
 
-def load_checkpoint_with_fallback(path: str | os.PathLike) -> tuple[dict | None, Path | None]:
+def damaged_path(path: str | os.PathLike) -> Path:
+    """Where a checkpoint that failed to load is set aside: `<name>.damaged`."""
+    path = Path(path)
+    return path.with_name(path.name + ".damaged")
+
+
+def load_checkpoint_with_fallback(path: str | os.PathLike, set_aside: bool = False
+                                  ) -> tuple[dict | None, Path | None]:
     """Load `path`, or its `_prev` copy when `path` is missing, truncated, corrupt (its
     CRCs are checked) or not a training checkpoint; a warning names the file that failed.
+    With `set_aside` (rank 0 of the trainer), a failed `path` is renamed to
+    `damaged_path(path)` once the previous copy has loaded, so that the next save cannot
+    promote it to the previous copy over the good one.
     Returns (checkpoint, the file it came from) or (None, None) when there is nothing to
     resume; raises RuntimeError when neither file can be used."""
     path = Path(path)
+    failed = None
     for candidate in (path, previous_path(path)):
         if not candidate.exists():
             continue
@@ -71,14 +99,58 @@ def load_checkpoint_with_fallback(path: str | os.PathLike) -> tuple[dict | None,
             ckpt = read_checkpoint(candidate)
             if not isinstance(ckpt, dict) or "epoch" not in ckpt:
                 raise KeyError("not a DeSD training checkpoint (no 'epoch' entry)")
-            return ckpt, candidate
         except Exception as err:  # any failure to read means: try the previous copy
             warnings.warn(f"could not load checkpoint {candidate} ({type(err).__name__}: {err}); "
                           f"trying the previous one", stacklevel=2)
+            failed = failed or candidate
+            continue
+        if failed == path and candidate != path and set_aside:
+            os.replace(path, damaged_path(path))
+            warnings.warn(f"{path} set aside as {damaged_path(path)}; {candidate} stays the "
+                          f"previous checkpoint until the next save", stacklevel=2)
+        return ckpt, candidate
     if path.exists() or previous_path(path).exists():
         raise RuntimeError(f"neither {path} nor {previous_path(path)} could be loaded; move them "
                            f"away to start from scratch, or point --output_dir elsewhere")
     return None, None
+
+
+# The flags that decide the kinds and shapes of what a checkpoint holds (networks,
+# optimiser state): a run resumes only under the same ones. Others (--lr, --epochs, ...)
+# may change between launches.
+RUN_DEFINING_FLAGS = ("arch", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
+                      "use_bn_in_head", "norm_last_layer", "optimizer")
+
+
+def check_same_run(ckpt: dict, args, source: str | os.PathLike) -> None:
+    """Raise ValueError naming every flag of `RUN_DEFINING_FLAGS` (and the stages with a
+    head, from --stage_weights) on which this command and the checkpoint's own `args`
+    differ: loading it would fail halfway or resume something else. Flags the checkpoint
+    does not record (the release's) are not compared."""
+    saved = ckpt.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    if not isinstance(saved, dict):
+        return
+    saved = dict(saved, arch=declared_arch(ckpt))  # the release's own arch names: unknown
+    was, now = {}, {}
+    for flag in RUN_DEFINING_FLAGS:
+        if saved.get(flag) is not None and plain(saved[flag]) != plain(getattr(args, flag)):
+            was[flag], now[flag] = saved[flag], getattr(args, flag)
+
+    def heads(weights):
+        return [k for k, w in enumerate(weights, 1) if float(w)]
+    if saved.get("stage_weights") and heads(saved["stage_weights"]) != heads(args.stage_weights):
+        was["stage_weights"], now["stage_weights"] = saved["stage_weights"], args.stage_weights
+    if was:
+        def flags(values):
+            return " ".join(f"--{k} " + (" ".join(map(str, v)) if isinstance(v, (list, tuple))
+                                         else str(v)) for k, v in values.items())
+        source = Path(source)
+        raise ValueError(f"{source} belongs to a run started with {flags(was)}, but this command "
+                         f"has {flags(now)}, which would not fit its networks or optimiser. To "
+                         f"continue that run, relaunch it with its own flags; to start a new "
+                         f"run, pass another --output_dir (or move the checkpoints out of "
+                         f"{source.parent})")
 
 
 def adapt_published_checkpoint(ckpt: dict, widths: dict[int, int],
@@ -160,3 +232,100 @@ def earlier_log(ckpt: dict, out_dir: Path) -> list[dict]:
         return list(ckpt["log"])
     old = out_dir / "log.txt"
     return [r for r in (read_log(old) if old.is_file() else []) if r["epoch"] < int(ckpt["epoch"])]
+
+
+# ----------------------------------------------------------------------------- stopping on a signal
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, like KeyboardInterrupt: no `except
+    Exception` swallows it). `abandoned` names a checkpoint whose write it cut short."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.abandoned = signum, None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+_signals = {"defer": 0, "pending": None}
+
+
+def _on_signal(signum, _frame):
+    if _signals["defer"] and _signals["pending"] is None:
+        _signals["pending"] = signum  # stop once the save in progress is complete
+        return
+    raise Stopped(signum)
+
+
+@contextmanager
+def stop_on_signals():
+    """While the block runs, SIGINT and SIGTERM raise `Stopped` in the main thread, except
+    inside `signals_deferred` (a save), which completes first; a second signal there
+    abandons the save (its temporary file is removed). Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _signals.update(defer=0, pending=None)
+
+
+@contextmanager
+def signals_deferred():
+    """A block that a first signal does not cut (see `stop_on_signals`): `Stopped` is raised
+    when the outermost such block has completed."""
+    _signals["defer"] += 1
+    try:
+        yield
+    except BaseException:
+        _signals["defer"] -= 1
+        if not _signals["defer"]:
+            _signals["pending"] = None
+        raise
+    _signals["defer"] -= 1
+    if not _signals["defer"] and _signals["pending"] is not None:
+        signum, _signals["pending"] = _signals["pending"], None
+        raise Stopped(signum)
+
+
+def _interruption(e: BaseException | None) -> BaseException | None:
+    """The `Stopped` or KeyboardInterrupt in `e`'s chain, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (Stopped, KeyboardInterrupt)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The `epoch` a checkpoint file records (its tensors memory-mapped, not read), or None."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:
+        return None
+
+
+def stopped_message(stop: Stopped, path: str | os.PathLike) -> str:
+    """One line for a run stopped by a signal: the save it abandoned, if any, and the
+    checkpoint (`path` or its previous copy) a relaunch resumes from."""
+    path = Path(path)
+    parts = [f"stopped by {stop.name}"]
+    if stop.abandoned is not None:
+        parts.append(f"the write of {stop.abandoned} was abandoned and its temporary file removed")
+    for candidate in (path, previous_path(path)):
+        epoch = _saved_epoch(candidate)
+        if epoch is not None:
+            parts.append(f"{candidate} (epoch {epoch}) is kept; the same command resumes from it")
+            break
+    else:
+        parts.append("no checkpoint was saved yet")
+    return "; ".join(parts)

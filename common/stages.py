@@ -4,7 +4,9 @@ and one function over many inputs with a worker pool and a report.
 ``run_tasks(...)`` runs with ``--num_workers`` processes; every result is collected, a
 tqdm bar advances on completions, a summary is printed and failed/excluded inputs are
 listed in ``<out_dir>/<script>_failures.txt``. Workers exit when their parent dies, even
-by SIGKILL. No torch here: the workers do not pay for importing it.
+by SIGKILL. ``run_exclusive(...)`` holds the output folders while a stage runs, so a
+second copy on the same folder is refused at once. No torch here: the workers do not
+pay for importing it.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from common.atomic import WriteError, remove_stale_temps, write_text
 from common.cli import BOOL, int_at_least
+from common.lock import FolderInUse, hold_folder
 from volume_io import VolumeError
 
 DONE, SKIPPED, EXCLUDED, FAILED = "done", "skipped", "excluded", "failed"
@@ -61,6 +64,19 @@ def stage_inputs(in_dir, out_dir, stage, previous_step):
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
     return inputs
+
+
+def run_exclusive(stage, folders, body, advice="or use another --output_dir"):
+    """``body()`` while this run holds every folder of ``folders`` (``common.lock``: one
+    run per folder), or 1 after saying which run holds one of them (nothing is done)."""
+    try:
+        with ExitStack() as held:
+            for folder in sorted({os.path.abspath(f) for f in folders}):
+                held.enter_context(hold_folder(folder, stage, advice))
+            return body()
+    except FolderInUse as e:
+        print(f"{stage}: {e}", file=sys.stderr)
+        return 1
 
 
 # ----------------------------------------------------------------------------- the pool
