@@ -7,8 +7,9 @@ inference, Dice on held-out cases.
 
     # from the pre-trained teacher (checkpoint.pth of main_desd.py, the released
     # DeSD_Res50 checkpoint, or a teacher_backbone.safetensors), on a synthetic set
-    python finetune_example.py --pretrained checkpoint.pth --arch res3d50 --output_dir ft_teacher
-    # the same from scratch, to compare
+    # (the encoder's depth is read from the checkpoint)
+    python finetune_example.py --pretrained checkpoint.pth --output_dir ft_teacher
+    # the same from scratch, to compare (res3d50 unless --arch says otherwise)
     python finetune_example.py --arch res3d50 --output_dir ft_scratch
     # on an MSD task (imagesTr/*.nii.gz, labelsTr/*.nii.gz), on a GPU
     python finetune_example.py --pretrained checkpoint.pth --data_dir Task09_Spleen \
@@ -56,8 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", default=None, choices=("teacher", "student"),
                    help="network of the checkpoint to load (default: the teacher, the one DeSD "
                         "evaluates; the student if there is no teacher)")
-    p.add_argument("--arch", default="res3d50", choices=list(ARCHS),
-                   help="encoder depth; must be the pre-trained one (DeSD_Res50: res3d50)")
+    p.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="encoder depth; by default read from --pretrained, res3d50 without it; "
+                        "when given with --pretrained, it must match the checkpoint")
     p.add_argument("--epochs", default=20, type=int_at_least(1), help="training epochs")
     p.add_argument("--iters_per_epoch", default=50, type=int_at_least(1),
                    help="iterations (batches of random patches) per epoch")
@@ -168,16 +170,19 @@ def train_one_epoch(net: nn.Module, cases, optimizer: torch.optim.Optimizer,
 def run(args) -> dict:
     device = utils.setup_device(args)
     torch.manual_seed(args.seed)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- encoder
-    # Loaded before the data are prepared, so a wrong checkpoint fails in seconds.
+    # Its depth is the checkpoint's; loaded before anything is created or the data are
+    # prepared, so a wrong checkpoint fails in seconds.
+    args.arch = utils.resolve_arch(args.arch, [args.pretrained] if args.pretrained else [],
+                                   args.which)
     encoder = build_backbone(args.arch)
     if args.pretrained:
         load_pretrained_encoder(encoder, args.pretrained, args.which)
     else:
-        print("no --pretrained: training from scratch")
+        print(f"no --pretrained: training {args.arch} from scratch")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- data
     data_dir, cases, names = labelled_data(args, out_dir)
@@ -230,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     args = parser.parse_args(argv)
-    utils.check_patch_size(parser, args.arch, args.patch_size)
+    # every depth has the same strides: the check does not wait for the checkpoint's depth
+    utils.check_patch_size(parser, args.arch or utils.DEFAULT_ARCH, args.patch_size)
     try:
         run(args)
     except (ValueError, OSError) as e:  # PretrainedLoadError and VolumeError are ValueErrors

@@ -1,4 +1,5 @@
-"""DeSD pre-training: deep self-distillation on every stage of a 3D ResNet (SPEC.md §4-7).
+"""DeSD pre-training: deep self-distillation on every stage of a 3D ResNet
+(docs/method.md §4-7).
 
 One GPU, or the CPU for a smoke test:
     python main_desd.py --arch res3d50 --data_path /data/DeepLesion \
@@ -13,6 +14,7 @@ Method after DINO (Caron et al., 2021) and DeSD (Ye et al., MICCAI 2022).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import math
@@ -27,15 +29,47 @@ import torch.nn.functional as F
 from torch import nn
 
 import utils
-from common import atomic, checkpoints, listfile
+from common import atomic, checkpoints, listfile, lock, speed
 from common.cli import BOOL, float_in, int_at_least
-from common.retrieval import retrieval_by_stage
+from common.retrieval import held_out_warnings, retrieval_by_stage
 from data_loader_ssl import BatchIntensityAugment, DeepLesionSSL, retrieval_pairs
 from models import ARCHS, DINOHead, ResNet3D, build_backbone, save_backbone
+from models.res3d import NORM_IMPLS, STEM_IMPLS
 from utils import NonFinite
 
 NUM_STAGES = 4
 STAGES = tuple(range(1, NUM_STAGES + 1))
+
+# Named sets of flag values (`--preset`); flags given on the command line win.
+PRESETS: dict[str, dict[str, object]] = {
+    # demo.sh's settings: a small run that learns on a CPU. At the defaults (lr 0.0005 per
+    # 256 samples, teacher momentum 0.996) a few dozen iterations of a small batch leave
+    # student and teacher where they started; a faster teacher, a sharper teacher, BatchNorm
+    # in the heads (else the outputs stop depending on the input at batch 16), small heads
+    # and crops make a few hundred CPU iterations move them. Not the published run.
+    "cpu_demo": {"arch": "res3d10", "epochs": 8, "warmup_epochs": 1, "batch_size_per_gpu": 16,
+                 "lr": 0.03, "momentum_teacher": 0.98, "teacher_temp": 0.02,
+                 "warmup_teacher_temp": 0.02, "use_bn_in_head": True, "out_dim": 1024,
+                 "head_hidden_dim": 256, "head_bottleneck_dim": 64,
+                 "global_crop_size": [16, 48, 48], "num_workers": 1},
+}
+
+
+def _as_flags(values: dict, names) -> str:
+    return " ".join(f"--{k} " + (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+                    for k, v in ((k, values[k]) for k in names))
+
+
+def describe_preset(args) -> str:
+    """The start-of-run line naming the preset's values and the flags given instead ('' without
+    a preset)."""
+    if not getattr(args, "preset", None):
+        return ""
+    values = PRESETS[args.preset]
+    given = [k for k in values if getattr(args, k) != values[k]]
+    text = f"preset {args.preset}: {_as_flags(values, values)}"
+    return text + (f"; given on the command line instead: {_as_flags(vars(args), given)}"
+                   if given else "")
 
 
 # ============================================================================ arguments
@@ -51,10 +85,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("DeSD", add_help=False)
     positive, nonneg = float_in(0.0, low_open=True), float_in(0.0)
 
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="Start from a named set of flag values; flags given on the command line "
+                        "win, and the start of the run prints what was used. cpu_demo: a small "
+                        "run that learns on a CPU (demo.sh's settings, not the published run): "
+                        + _as_flags(PRESETS["cpu_demo"], PRESETS["cpu_demo"]).replace("%", "%%"))
+
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="res3d18", choices=list(ARCHS),
-                   help="Backbone. The published run uses res3d50 (46M parameters); res3d10 is "
-                        "the smallest, for smoke tests.")
+    g.add_argument("--arch", default=utils.DEFAULT_ARCH, choices=list(ARCHS),
+                   help="Backbone. res3d50 (46M parameters) is the published run's and the "
+                        "released weights' (the release's parser defaulted to res3d18, which its "
+                        "run never used); res3d10 is the smallest, for CPU runs.")
     g.add_argument("--out_dim", default=65536, type=int_at_least(1),
                    help="Prototypes of every DINO head (published run: 60000). Larger is slower "
                         "and needs more memory; DINO found 65536 works well.")
@@ -89,9 +130,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on GPUs that support it, else fp16 with a scaler; "
-                        "fp32 on a CPU. fp32: PyTorch's float32 defaults (cuDNN may use TF32 "
-                        "for convolutions); tf32: TF32 for the heads' matrix products too.")
+                   help="auto: fp32 on a CPU; on a GPU the faster of fp32 and bf16 (fp16 with a "
+                        "scaler without bf16), timed at start-up on a forward and backward of the "
+                        "student. fp32: PyTorch's float32 defaults (cuDNN may use TF32 for "
+                        "convolutions); tf32: TF32 for the heads' matrix products too.")
     g.add_argument("--use_fp16", action=_UseFp16, dest="precision", default=argparse.SUPPRESS,
                    **BOOL,
                    help="The published flag, an alias: True = --precision auto, False = "
@@ -131,7 +173,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--global_crops_scale", default=[0.4, 1.0], type=float, nargs=2,
                    metavar=("MIN", "MAX"),
                    help="Accepted for the published command and ignored, as in the release (its "
-                        "crop scales are fixed, SPEC.md §4).")
+                        "crop scales are fixed, docs/method.md §4).")
     g.add_argument("--local_crops_scale", default=[0.05, 0.4], type=float, nargs=2,
                    metavar=("MIN", "MAX"),
                    help="Accepted for the published command and ignored, as in the release.")
@@ -173,6 +215,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "convolutions in bf16).")
     g.add_argument("--compile", default=False, **BOOL,
                    help="torch.compile the networks (slow first iterations, faster after).")
+    g.add_argument("--stem", default="conv3d", choices=list(STEM_IMPLS),
+                   help="How the stem convolution is computed, the same function: conv3d "
+                        "(default) or conv2d (depth taps folded into channels, for tensor-core "
+                        "kernels; models.res3d.StemConv3d). Unmeasured on GPUs so far.")
+    g.add_argument("--norm_impl", default="auto", choices=list(NORM_IMPLS),
+                   help="How the instance norms are computed, the same function: auto (group "
+                        "norm without autocast, PyTorch's with it), reference, group_norm, or "
+                        "decomposed (keeps the layout, for --compile with --channels_last).")
+    g.add_argument("--fused_optimizer", default=False, **BOOL,
+                   help="sgd/adamw with fused=True: one kernel per optimiser step.")
+    g.add_argument("--cuda_graph", default=False, **BOOL,
+                   help="Capture the step as a CUDA graph once per epoch and replay it (one "
+                        "process, sgd/adamw, no fp16; implies --fused_optimizer).")
     g.add_argument("--print_freq", default=10, type=int_at_least(1),
                    help="Iterations between progress lines; losses are read from the device and "
                         "checked for NaN only this often.")
@@ -193,8 +248,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the arguments; a bad value or combination stops here, naming the
     flag, before any work (argparse exits with code 2)."""
-    parser = argparse.ArgumentParser("DeSD pre-training", parents=[get_args_parser()],
+    parser = argparse.ArgumentParser("main_desd.py", parents=[get_args_parser()],
+                                     description="DeSD pre-training",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:  # the preset's values become the defaults: given flags still win
+        parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     for flag in ("warmup_epochs", "warmup_teacher_temp_epochs"):
         if getattr(args, flag) > args.epochs:
@@ -205,6 +264,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(lc > gc for lc, gc in zip(args.local_crop_size, args.global_crop_size)):
         parser.error(f"--local_crop_size {args.local_crop_size} exceeds --global_crop_size "
                      f"{args.global_crop_size} in some dimension")
+    if args.optimizer == "lars" and (args.fused_optimizer or args.cuda_graph):
+        parser.error(f"--{'cuda_graph' if args.cuda_graph else 'fused_optimizer'} needs "
+                     f"--optimizer sgd or adamw (lars has no fused step)")
+    if args.cuda_graph and args.precision == "fp16":
+        parser.error("--cuda_graph cannot run the fp16 gradient scaler (it reads back to the "
+                     "host); use --precision bf16 or fp32")
     with torch.device("meta"):  # shapes only
         backbone = build_backbone(args.arch)
     for size in [args.global_crop_size] + [args.local_crop_size] * bool(args.local_crops_number):
@@ -248,7 +313,7 @@ class MultiStageNet(nn.Module):
 
 
 def build_network(args, deep_stages: list[int]) -> MultiStageNet:
-    backbone = build_backbone(args.arch)
+    backbone = build_backbone(args.arch, stem=args.stem, norm_impl=args.norm_impl)
 
     def head(k: int) -> DINOHead:
         return DINOHead(backbone.stage_channels[k - 1], args.out_dim, use_bn=args.use_bn_in_head,
@@ -274,7 +339,7 @@ class Nets:
         self.student_fwd.train()
         self.teacher.train()
 
-    def update_teacher(self, momentum: float) -> None:
+    def update_teacher(self, momentum: float | torch.Tensor) -> None:
         self._ema.update(momentum)
 
 
@@ -311,12 +376,16 @@ def build_models(args, device: torch.device, world: int = 1) -> Nets:
 
 def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
     """adamw, sgd (momentum 0.9) or lars over the regularised / not regularised groups;
-    learning rate and weight decay are set every iteration from the schedules."""
+    learning rate and weight decay are set every iteration from the schedules (as device
+    tensors with --cuda_graph, which needs the fused, capturable steps)."""
     groups = utils.get_params_groups(model)
+    fast = {"fused": True} if args.fused_optimizer or args.cuda_graph else {}
+    if args.cuda_graph:
+        fast["lr"] = torch.zeros((), device=next(model.parameters()).device)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups)
+        return torch.optim.AdamW(groups, capturable=args.cuda_graph, **fast)
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=0, momentum=0.9)
+        return torch.optim.SGD(groups, **({"lr": 0} | fast), momentum=0.9)
     return utils.LARS(groups)
 
 
@@ -324,8 +393,8 @@ def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
 
 class DeSDLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher (last stage, global views) and
-    the student's output on every stage (SPEC.md §6), next to DINO's loss: the same pair
-    loop over (teacher view i, student view v != i), once per stage with a head.
+    the student's output on every stage (docs/method.md §6), next to DINO's loss: the same
+    pair loop over (teacher view i, student view v != i), once per stage with a head.
 
     `forward(student_output, teacher_output, epoch)` takes the list of per-stage student
     outputs (`[ncrops * B, out_dim]`, None for a stage without head) and the teacher's
@@ -436,9 +505,14 @@ class Schedules:
     momentum: np.ndarray
     niter: int
 
-    def apply(self, optimizer: torch.optim.Optimizer, it: int) -> None:
+    def apply(self, optimizer: torch.optim.Optimizer, it: int, device_values=None) -> None:
         """Set iteration `it`'s learning rate on every group and its weight decay on the
-        regularised group (the first; see `utils.get_params_groups`)."""
+        regularised group (the first; see `utils.get_params_groups`); with `device_values`
+        (--cuda_graph) write them, and the teacher momentum, into its device tensors."""
+        if device_values is not None:
+            device_values.set(optimizer, float(self.lr[it]), float(self.wd[it]),
+                              float(self.momentum[it]))
+            return
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(self.lr[it])
             if j == 0:
@@ -462,7 +536,44 @@ def build_schedules(args, niter: int, world: int) -> Schedules:
         niter=niter)
 
 
+def stillness_warnings(args, schedules: Schedules, weight_scale: float) -> list[str]:
+    """Why the run's weights would stay all but still, known before its first step (empty
+    when nothing says so). AdamW moves a weight by about the learning rate per step at most,
+    so the schedule's sum bounds how far any weight can travel: under a tenth of
+    `weight_scale` (a typical initial weight) is nothing. (With SGD the step also scales
+    with the gradient, so the learning rate alone does not tell.) The teacher is an EMA of
+    the student: after the run, the share prod(m_t) of it is still its random
+    initialisation; above three quarters it has hardly followed the student."""
+    warns, n = [], len(schedules.lr)
+    travel = float(np.sum(schedules.lr, dtype=np.float64))
+    if args.optimizer == "adamw" and travel < 0.1 * weight_scale:
+        warns.append(
+            f"the learning rate (peak {float(np.max(schedules.lr)):.3g}: --lr {args.lr:g} per 256 "
+            f"samples, scaled with the total batch) summed over the run's {n} iterations is "
+            f"{travel:.2g}: AdamW cannot move a weight further than that, under a tenth of a "
+            f"typical initial weight ({weight_scale:.2g}), so the networks will stay all but "
+            f"still. Raise --lr or train longer (--preset cpu_demo is a CPU run that learns)")
+    share = float(np.prod(schedules.momentum, dtype=np.float64))
+    if share > 0.75:
+        warns.append(
+            f"the teacher is an EMA with momentum {args.momentum_teacher:g} rising to 1: after "
+            f"the run's {n} iterations {share:.2f} of it is still its random initialisation, so "
+            f"it will hardly follow the student. Lower --momentum_teacher (0.996 is for long "
+            f"runs; --preset cpu_demo uses 0.98) or train longer")
+    return warns
+
+
 # ============================================================================ training
+
+def resolve_precision(args, device: torch.device) -> str:
+    """--precision auto: fp32 on a CPU, the faster by a short measurement on a GPU
+    (`common.speed.pick_precision`, on a throwaway student at the run's view sizes)."""
+    deep_stages = [k for k in STAGES[:-1] if args.stage_weights[k - 1] != 0]
+    shapes = ([(args.batch_size_per_gpu, 1, *args.global_crop_size)] * 2
+              + [(args.batch_size_per_gpu, 1, *args.local_crop_size)] * args.local_crops_number)
+    return speed.pick_precision(args.precision, device, lambda: build_network(args, deep_stages),
+                                shapes, fp16_ok=not args.cuda_graph)
+
 
 def build_step(args, device: torch.device, rank: int) -> utils.StepRunner:
     augment = BatchIntensityAugment(not args.aug_per_volume) if args.augment_on == "device" else None
@@ -480,35 +591,54 @@ def train_one_epoch(epoch: int, nets: Nets, schedules: Schedules, loader, optimi
         if i == schedules.niter:  # asked once more: bench_train stamps the last step's end
             break
         it = epoch * schedules.niter + i
-        schedules.apply(optimizer, it)
+        schedules.apply(optimizer, it, step.device_values)
+        momentum = step.device_values.momentum if step.graph else float(schedules.momentum[it])
         views = step.views(views, epoch, i)
 
-        with step.autocast():
-            teacher_out = nets.teacher_fwd(views[:2])[-1]
-            student_out = nets.student_fwd(views)
-            terms = loss_fn.terms(student_out, teacher_out, epoch)
-        step.backward(terms["total_loss"], optimizer, nets.student, epoch)
-        nets.update_teacher(float(schedules.momentum[it]))
+        def one_step(views):
+            with step.autocast():
+                teacher_out = nets.teacher_fwd(views[:2])[-1]
+                student_out = nets.student_fwd(views)
+                terms = loss_fn.terms(student_out, teacher_out, epoch)
+            step.backward(terms["total_loss"], optimizer, nets.student, epoch)
+            nets.update_teacher(momentum)
+            return terms
+        terms = step.run(epoch, one_step, views)
 
         meter.update(i, terms)
         meter.maybe_report(epoch, i, float(schedules.lr[it]), float(schedules.wd[it]))
     return meter.means()
 
 
-def train(args) -> None:
-    # ------------------------------------------------------------------ set-up
+def train(args, held: contextlib.ExitStack | None = None) -> None:
+    """The run; `held` keeps rank 0's lock on --output_dir until its owner (`main`) closes
+    it (without one, no lock is taken)."""
+    # ------------------------------------------------------------------ inputs, checked first
     rank, world, device = utils.init_distributed(args.dist_url, args.dist_timeout)
+    # a missing or empty list, a missing sub-volume: stop before anything is created
+    dataset, sampler, loader, niter = build_loader(args, rank, world, device)
+    held_out = (listfile.read_list_file(Path(args.data_path) / args.retrieval_list)
+                [:args.retrieval_n] if args.retrieval_list else None)
+
+    # ------------------------------------------------------------------ set-up
     out_dir = Path(args.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if held is not None:  # one run per folder: a second one stops here, naming this one
+            held.enter_context(lock.hold_folder(out_dir, "main_desd.py",
+                                                "or pass another --output_dir for a new run"))
         atomic.remove_stale_temps(out_dir)  # of a run killed while saving
+    ckpt_path = out_dir / "checkpoint.pth"  # read now: a relaunch with other flags stops here
+    ckpt, source = checkpoints.load_checkpoint_with_fallback(ckpt_path, set_aside=rank == 0)
+    if ckpt is not None:
+        checkpoints.check_same_run(ckpt, args, source)
+    args.precision = resolve_precision(args, device)
     step = build_step(args, device, rank)
+    if args.preset:
+        utils.print_rank0(describe_preset(args))
     utils.print_rank0(f"DeSD: {world} process(es) on {device}, precision "
                       f"{step.amp_dtype or torch.float32}; arguments:\n"
                       + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
-
-    # ------------------------------------------------------------------ data
-    dataset, sampler, loader, niter = build_loader(args, rank, world, device)
     utils.print_rank0(f"data: {len(dataset)} sub-volumes, {niter} iterations per epoch")
 
     # ------------------------------------------------------------------ networks
@@ -519,21 +649,19 @@ def train(args) -> None:
                       f"heads on stages {nets.student.deep_stages + [NUM_STAGES]}")
 
     retrieval = None
-    if args.retrieval_list and rank == 0:  # a label-free learning signal, on rank 0
-        held_out = listfile.read_list_file(Path(args.data_path) / args.retrieval_list)
-        retrieval = retrieval_pairs(held_out[:args.retrieval_n], args.global_crop_size,
-                                    args.seed, per_slice=not args.aug_per_volume)
-        print("view retrieval of the initial teacher:", retrieval_by_stage(
-            nets.teacher.backbone, retrieval, device), flush=True)
+    if held_out is not None and rank == 0:  # a label-free learning signal, on rank 0
+        retrieval = retrieval_pairs(held_out, args.global_crop_size, args.seed,
+                                    per_slice=not args.aug_per_volume)
 
     # ------------------------------------------------------------------ loss, optimiser, schedules
     loss_fn = build_loss(args).to(device)
     optimizer = build_optimizer(args, nets.student)
     schedules = build_schedules(args, niter, world)
+    convs = [w.detach().float().std() for w in nets.student.backbone.parameters() if w.ndim == 5]
+    for w in stillness_warnings(args, schedules, float(torch.stack(convs).median())):
+        utils.print_rank0(f"WARNING: {w}")
 
     # ------------------------------------------------------------------ resume
-    ckpt_path = out_dir / "checkpoint.pth"
-    ckpt, source = checkpoints.load_checkpoint_with_fallback(ckpt_path)
     start_epoch, log = 0, []
     if ckpt is not None:
         checkpoints.load_state(ckpt, nets, optimizer, loss_fn, step.scaler)
@@ -545,6 +673,13 @@ def train(args) -> None:
     run_log = utils.RunLog(out_dir, args.out_dim, args.tensorboard) if rank == 0 else None
     if run_log and start_epoch:
         run_log.rewrite(log)
+    if retrieval is not None:  # the initial teacher's only at the start, not on resume
+        initial = (None if start_epoch else
+                   retrieval_by_stage(nets.teacher.backbone, retrieval, device))
+        if initial:
+            print("view retrieval of the initial teacher:", initial, flush=True)
+        for w in held_out_warnings(len(held_out), initial):
+            print(f"WARNING: {w}", flush=True)
 
     # ------------------------------------------------------------------ loop
     for epoch in range(start_epoch, args.epochs):
@@ -564,11 +699,12 @@ def train(args) -> None:
             row |= retrieval_by_stage(nets.teacher.backbone, retrieval, device)
         log.append(row)
         save = checkpoints.checkpoint_state(args, nets, optimizer, loss_fn, step.scaler, epoch, log)
-        if run_log:
-            checkpoints.atomic_save(save, ckpt_path, keep_previous=True)
-            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                checkpoints.atomic_save(save, out_dir / f"checkpoint{epoch:04}.pth")
-            run_log.epoch_done(log)
+        with checkpoints.signals_deferred():  # SIGINT/SIGTERM: saved and logged, then stop
+            if run_log:
+                checkpoints.atomic_save(save, ckpt_path, keep_previous=True)
+                if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                    checkpoints.atomic_save(save, out_dir / f"checkpoint{epoch:04}.pth")
+                run_log.epoch_done(log)
         del save
         if utils.is_dist():  # no process runs ahead of the checkpoint that rank 0 is writing
             torch.distributed.barrier()
@@ -587,10 +723,17 @@ def train(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        train(args)
-    except (NonFinite, ValueError, FileNotFoundError, OSError) as err:
-        print(f"main_desd.py: error: {err}", file=sys.stderr, flush=True)
+        with checkpoints.stop_on_signals(), contextlib.ExitStack() as held:
+            train(args, held)
+    except checkpoints.Stopped as stop:  # one line: what was abandoned, what is kept
+        if utils.is_main_process():
+            line = checkpoints.stopped_message(stop, Path(args.output_dir) / "checkpoint.pth")
+            print(f"main_desd.py: {line}", file=sys.stderr, flush=True)
         utils.cleanup_distributed()
+        return 128 + stop.signum
+    except (NonFinite, ValueError, FileNotFoundError, OSError) as err:
+        utils.cleanup_distributed()
+        print(f"main_desd.py: error: {err}", file=sys.stderr, flush=True)  # the last line
         return 1
     return 0
 

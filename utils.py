@@ -1,5 +1,6 @@
 """Training helpers: distributed set-up, schedules, optimiser pieces, randomness,
-checkpoint I/O, the loop's meter and record, and device flags.
+checkpoint I/O, the loop's meter and record, device flags, and the default depth and a
+checkpoint's depth.
 
 Nothing here starts work at import time. Everything works in one process without a
 process group; collectives are only called when `torch.distributed` is initialised.
@@ -11,13 +12,11 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from common import atomic, cli
+from common.speed import CudaGraphStep, DeviceHyperparameters, fill_momentum_buffers_
 from models import read_checkpoint
 
 # ----------------------------------------------------------------------------- distributed
@@ -194,8 +194,15 @@ class TeacherEMA:
         self.s = [s_params[n] for n, _ in t_named]
 
     @torch.no_grad()
-    def update(self, momentum: float) -> None:
-        torch._foreach_lerp_(self.t, self.s, 1.0 - momentum)  # one pass over memory
+    def update(self, momentum: float | torch.Tensor) -> None:
+        """One pass over memory. A 0-dim float64 device tensor `momentum` is read on the
+        device (what a captured CUDA graph needs); 1 - m is then rounded as on the float
+        path, so both give the same bits."""
+        if isinstance(momentum, torch.Tensor):
+            weight = (1.0 - momentum).to(self.t[0].dtype)
+            torch._foreach_lerp_(self.t, self.s, [weight] * len(self.t))
+        else:
+            torch._foreach_lerp_(self.t, self.s, 1.0 - momentum)
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -347,7 +354,9 @@ class Meter:
 class StepRunner:
     """How one optimisation step runs, from the flags: the views' device augmentation and
     memory format, autocast, the fp16 gradient scaler, clipping and the last layer's
-    freeze. main_desd's `train_one_epoch` calls `views`, `autocast` and `backward`."""
+    freeze; with --cuda_graph the schedules' values as device tensors (`device_values`)
+    and the step captured once per epoch and replayed (`run`). main_desd's
+    `train_one_epoch` calls `views`, `run`, `autocast` and `backward`."""
 
     def __init__(self, args, device: torch.device, rank: int, augment=None):
         self.device, self.rank, self.seed = device, rank, args.seed
@@ -359,6 +368,12 @@ class StepRunner:
                               else torch.contiguous_format)
         self.clip_grad, self.freeze_last_layer = args.clip_grad, args.freeze_last_layer
         self.print_freq, self.batch_size = args.print_freq, args.batch_size_per_gpu
+        self.device_values = self.graph = None
+        if args.cuda_graph:
+            if device.type != "cuda" or is_dist():
+                raise ValueError("--cuda_graph needs one process on a CUDA device; run without "
+                                 "it on a CPU or with several processes")
+            self.device_values, self.graph = DeviceHyperparameters(device), CudaGraphStep()
 
     def views(self, views: list[torch.Tensor], epoch: int, i: int) -> list[torch.Tensor]:
         """Batched intensity augmentation on the device (seeded per step), then the layout."""
@@ -368,8 +383,14 @@ class StepRunner:
                 views = self.augment(views, self.aug_gen)
         return [v.contiguous(memory_format=self.memory_format) for v in views]
 
+    def run(self, epoch: int, step_fn, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`step_fn(views)`: eagerly, or (--cuda_graph) captured once per epoch and replayed."""
+        return step_fn(views) if self.graph is None else self.graph.run(epoch, step_fn, views)
+
     def autocast(self):
-        return (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+        # a graph must not keep autocast's cache of cast weights from its capture
+        return (torch.autocast(self.device.type, dtype=self.amp_dtype,
+                               cache_enabled=self.graph is None) if self.amp_dtype
                 else nullcontext())
 
     def backward(self, loss: torch.Tensor, optimizer, student: nn.Module, epoch: int) -> None:
@@ -381,6 +402,9 @@ class StepRunner:
             self.scaler.unscale_(optimizer)
             clip_gradients(student, self.clip_grad)
         cancel_gradients_last_layer(epoch, student, self.freeze_last_layer)
+        if self.device_values is not None:  # the groups' weight decay is 0: applied here
+            self.device_values.decay_(optimizer)
+        fill_momentum_buffers_(optimizer)  # fused SGD only
         self.scaler.step(optimizer)
         self.scaler.update()
 
@@ -508,6 +532,55 @@ def check_patch_size(parser, arch: str, patch_size, flag: str = "--patch_size") 
             ResUNet3D(arch).check_input_size(patch_size)
     except ValueError as e:
         parser.error(f"{flag}: {e}")
+
+
+# ----------------------------------------------------------------------------- depth (default, a checkpoint's)
+
+# The one default depth of the trainer, finetune_example.py and the tools: the published
+# run's and the released weights' (DeSD_Res50). Tools given a checkpoint read its depth.
+DEFAULT_ARCH = "res3d50"
+
+
+def checkpoint_arch(path: str | os.PathLike, which: str | None = None,
+                    checkpoint=None) -> str | None:
+    """The `res3d*` depth of a checkpoint's backbone (main_desd.py's checkpoint.pth, the
+    released checkpoint, a `.safetensors` backbone, a bare or fine-tuned state dict): what
+    its args or metadata say (`models.declared_arch`) and what its tensors are
+    (`models.infer_arch`); None when neither tells. ValueError naming the file when the
+    two disagree. `checkpoint`: the file already read (`models.read_checkpoint`), if it is."""
+    from models import declared_arch, extract_backbone_state, infer_arch, load_safetensors
+    path = Path(path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    state, source = extract_backbone_state(checkpoint, which)
+    meta = load_safetensors(path)[1] if path.suffix == ".safetensors" else None
+    declared, inferred = declared_arch(checkpoint, meta), infer_arch(state)
+    if declared and inferred and declared != inferred:
+        raise ValueError(f"{path}: its args/metadata say {declared} but the tensors of its "
+                         f"{source} are {inferred}; the file is inconsistent, use another one")
+    return declared or inferred
+
+
+def resolve_arch(arch: str | None, checkpoints, which: str | None = None) -> str:
+    """The depth to build for `checkpoints` (paths): theirs (`checkpoint_arch`), which must
+    be one depth; an explicit `arch` that differs is refused (ValueError naming the file);
+    `arch`, else `DEFAULT_ARCH`, when there is no checkpoint. A checkpoint whose depth
+    cannot be told needs `arch` (loading it then says what does not fit)."""
+    found = {str(c): checkpoint_arch(c, which) for c in checkpoints}
+    unknown = [c for c, a in found.items() if a is None]
+    if unknown and arch is None:
+        raise ValueError(f"{unknown[0]}: cannot tell the depth of its backbone (no arch in its "
+                         f"args or metadata, and its tensor names and shapes are no res3d* "
+                         f"depth); is it a DeSD backbone? Pass --arch to try loading it")
+    depths = sorted({a for a in found.values() if a is not None})
+    if len(depths) > 1:
+        raise ValueError("the checkpoints are of different depths (" + ", ".join(
+            f"{c}: {a}" for c, a in found.items()) + "); use them in separate calls")
+    if depths and arch is not None and arch != depths[0]:
+        path = next(c for c, a in found.items() if a is not None)
+        raise ValueError(f"{path}: the checkpoint's backbone is {depths[0]} but --arch is "
+                         f"{arch}; leave --arch out (it is read from the checkpoint) or pass "
+                         f"another checkpoint")
+    return depths[0] if depths else (arch or DEFAULT_ARCH)
 
 
 def machine_description() -> str:

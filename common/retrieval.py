@@ -57,3 +57,29 @@ def retrieval_by_stage(backbone: nn.Module, pairs: tuple[torch.Tensor, torch.Ten
         r = view_retrieval(embeds[0][s], embeds[1][s], ks)
         out |= {f"retrieval_top{k}_stage{s + 1}": r[f"top{k}"] for k in ks}
     return out | {f"retrieval_chance{k}": r[f"chance{k}"] for k in ks}
+
+
+# Below this many held-out sub-volumes top-1 moves in coarse steps of 1/(2N) and a random
+# encoder already finds most partners at the deep stages (4 gave top-1 1.0 at stages 3-4 at
+# initialisation; the demo's 59 gave a random init 0.24-0.54), so learning cannot show.
+MIN_HELD_OUT = 32
+
+
+def held_out_warnings(n: int, initial: dict[str, float] | None = None,
+                      flag: str = "--retrieval_n") -> list[str]:
+    """Why view retrieval on `n` held-out sub-volumes cannot show learning (empty when
+    nothing says so): too few of them, or `initial` (a `retrieval_by_stage` result before
+    training) already at the ceiling at some stage."""
+    warns = []
+    if n < MIN_HELD_OUT:
+        warns.append(f"view retrieval on {n} held-out sub-volumes: top-1 moves in steps of "
+                     f"1/{2 * n} and a random encoder finds most partners among so few, so it "
+                     f"can hardly show learning; list at least {MIN_HELD_OUT} (the first "
+                     f"{flag} are used)")
+    full = [s for s in range(1, 5)
+            if initial and initial.get(f"retrieval_top1_stage{s}", 0) >= 0.95]
+    if full:
+        warns.append(f"view retrieval top-1 is already >= 0.95 before training at stage(s) "
+                     f"{', '.join(map(str, full))}, with no room to show learning there; use more "
+                     f"held-out sub-volumes (at least {MIN_HELD_OUT})")
+    return warns

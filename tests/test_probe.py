@@ -155,8 +155,9 @@ def test_probe_separable_set_table_and_determinism(separable_set, res3d10_files,
     assert (tmp_path / "a" / "probe_results.png").stat().st_size > 0  # .ci/run installs matplotlib
 
     # Same seed, fresh output folder: the same numbers, to the bit.
+    # ('random' alone is built at the default depth unless --arch says otherwise)
     second = eval_probe.run(eval_probe.parse_args(_probe_args(separable_set, tmp_path / "b",
-                                                              "random")))
+                                                              "random", "--arch", "res3d10")))
     assert _numbers(second) == _numbers(first)[:4 * 5]
 
 

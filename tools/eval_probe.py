@@ -2,10 +2,10 @@
 
     # random init vs DINO vs DeSD, 3 seeds, with the label-free view retrieval (CPU, minutes)
     python tools/eval_probe.py random runs/dino/checkpoint.pth runs/desd/checkpoint.pth \
-        --names random DINO DeSD --arch res3d10 --probe_seeds 0 1 2 \
+        --names random DINO DeSD --probe_seeds 0 1 2 \
         --retrieval_list heldout/SSL_data_deeplesion.txt --output_dir probe_output
     # the released teacher (or any .safetensors backbone) on an MSD task, on a GPU
-    python tools/eval_probe.py DeSD_Res50.pth --arch res3d50 --data_dir Task09_Spleen \
+    python tools/eval_probe.py DeSD_Res50.pth --data_dir Task09_Spleen \
         --patch_size 64 128 128 --patches_per_case 32 --epochs 100 --output_dir probe_spleen
 
 DeSD's claim is that distilling into every stage makes the shallow stages better, not only
@@ -13,8 +13,9 @@ the last one; these probes measure it without fine-tuning anything. Each CHECKPO
 main_desd.py's `checkpoint.pth` (its teacher), a backbone `.safetensors`
 (tools/export_backbone.py), the released DeSD checkpoint, or the word `random` (a seeded
 random initialisation, the baseline). Checkpoints given the same `--names` form one group
-(e.g. three pre-training seeds). The encoder is frozen (eval mode, `torch.no_grad()`,
-bf16 autocast on CUDA). Per stage:
+(e.g. three pre-training seeds). The depth is read from the checkpoints (`--arch`, when
+given, must match it; `random` alone is res3d50). The encoder is frozen (eval mode,
+`torch.no_grad()`, bf16 autocast on CUDA). Per stage:
 
 - linear probe: a 1x1x1 convolution on the stage map (channels standardised with the
   training features' statistics), its logits upsampled trilinearly to the label grid,
@@ -35,10 +36,11 @@ bf16 autocast on CUDA). Per stage:
 Every measurement is repeated for each of `--probe_seeds` (the random init, the probe's
 initialisation and voxel sample, the augmentation draws and the retrieval views change
 with it). The spread of a group is the standard deviation over its checkpoints and
-seeds; every group is compared with every group before it: difference of the means and
-whether it exceeds twice the larger spread. The last `--val_fraction` of the cases (sorted by
-name) is held out, as in finetune_example.py; data are prepared as for fine-tuning and
-cached under `OUTPUT_DIR/preprocessed/`.
+seeds; every group is compared with every group before it: difference of the means,
+called better or worse when it exceeds twice the larger spread either way, within when it
+does not, and not judged when a group was measured once (n = 1, no spread). The last
+`--val_fraction` of the cases (sorted by name) is held out, as in finetune_example.py;
+data are prepared as for fine-tuning and cached under `OUTPUT_DIR/preprocessed/`.
 
 Output: the tables on stdout (mean ± std per group and stage; the comparisons), and in
 OUTPUT_DIR `probe_results.csv` (one row per checkpoint, seed and stage),
@@ -52,7 +54,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -68,11 +69,9 @@ import utils  # noqa: E402
 from common import atomic, listfile  # noqa: E402
 from common.cases import add_labelled_data_args, labelled_data, random_patch, split_cases  # noqa: E402
 from data_loader_ssl import VIEW_INTENSITY_PARAMS, BatchIntensityAugment, retrieval_pairs  # noqa: E402
-from models import (ARCHS, HU_MIN, build_backbone, declared_arch,  # noqa: E402
-                    extract_backbone_state, hu_to_input, infer_arch, load_pretrained_encoder,
-                    load_safetensors, read_checkpoint)
+from models import ARCHS, HU_MIN, build_backbone, hu_to_input, load_pretrained_encoder  # noqa: E402
 from common.cli import BOOL, float_in, int_at_least  # noqa: E402
-from common.retrieval import retrieval_by_stage  # noqa: E402
+from common.retrieval import held_out_warnings, retrieval_by_stage  # noqa: E402
 
 NUM_STAGES = 4
 RANDOM = "random"
@@ -83,28 +82,6 @@ class ProbeError(ValueError):
 
 
 # ----------------------------------------------------------------------------- encoders
-def check_arch(path: str | os.PathLike, arch: str, which: str | None = None) -> str:
-    """Refuse a checkpoint whose backbone is not `arch`; return the network read ('teacher'...).
-
-    The depth comes from the checkpoint's args or metadata and from its tensor names
-    (`infer_arch`); both must agree with `arch` when known, and at least one must be known.
-    A deeper checkpoint of the same block type would otherwise load in part, silently.
-    """
-    path = Path(path)
-    checkpoint = read_checkpoint(path)
-    state, source = extract_backbone_state(checkpoint, which)
-    meta = load_safetensors(path)[1] if path.suffix == ".safetensors" else None
-    inferred, declared = infer_arch(state), declared_arch(checkpoint, meta)
-    for found, how in ((declared, "its args/metadata"), (inferred, "its weights")):
-        if found is not None and found != arch:
-            raise ProbeError(f"{path}: the checkpoint's backbone is {found} (from {how}) but "
-                             f"--arch is {arch}; pass --arch {found} or another checkpoint")
-    if declared is None and inferred is None:
-        raise ProbeError(f"{path}: cannot tell the depth of its {source} (its tensor names and "
-                         f"shapes match none of {', '.join(ARCHS)}); is it a DeSD backbone?")
-    return source
-
-
 def default_name(spec: str) -> str:
     """'random'; the run folder for the files main_desd.py/export_backbone.py write
     (runs/dino/checkpoint.pth -> dino); otherwise the file name without its suffix."""
@@ -336,8 +313,11 @@ def summarise(runs: list[dict], metrics: Sequence[str]) -> dict:
 
 def compare(summary: dict, metrics: Sequence[str]) -> list[dict]:
     """Every group against every group before it (random, DINO, DeSD: DINO - random,
-    DeSD - random, DeSD - DINO): difference of the means and whether it exceeds twice the
-    larger of the two spreads (std)."""
+    DeSD - random, DeSD - DINO): difference of the means, twice the larger of the two
+    spreads (std), and the verdict, in both directions (every metric is higher-is-better):
+    'better' or 'worse' when the difference exceeds that bar, 'within' when it does not,
+    'unknown' when either group has a single measurement (n = 1: no spread to judge by).
+    `beyond` is True for 'better' and 'worse'."""
     names = list(summary)
     rows = []
     for j, name in enumerate(names):
@@ -346,10 +326,21 @@ def compare(summary: dict, metrics: Sequence[str]) -> list[dict]:
                 for m in metrics:
                     a, b = summary[name][stage][m], summary[base][stage][m]
                     diff, bar = a["mean"] - b["mean"], 2 * max(a["std"], b["std"])
+                    verdict = ("unknown" if min(a["n"], b["n"]) < 2 else "better" if diff > bar
+                               else "worse" if diff < -bar else "within")
                     rows.append({"group": name, "baseline": base, "stage": stage, "metric": m,
-                                 "difference": diff, "twice_spread": bar,
-                                 "beyond": bool(diff > bar)})
+                                 "n_group": a["n"], "n_baseline": b["n"], "difference": diff,
+                                 "twice_spread": bar, "verdict": verdict,
+                                 "beyond": verdict in ("better", "worse")})
     return rows
+
+
+def _verdict_cell(c: dict) -> str:
+    if c["verdict"] == "unknown":
+        return f"{c['difference']:+.3f} (n=1, no spread)"
+    if c["verdict"] == "within":
+        return f"{c['difference']:+.3f} (within {c['twice_spread']:.3f})"
+    return f"{c['difference']:+.3f} ({c['verdict']}, beyond {c['twice_spread']:.3f})"
 
 
 def format_tables(results: dict) -> str:
@@ -366,16 +357,22 @@ def format_tables(results: dict) -> str:
                      for s in range(1, NUM_STAGES + 1)]
             lines.append(f"| {name} (n={by_stage[1][m]['n']}) | " + " | ".join(cells) + " |")
     if results["comparisons"]:
-        lines += ["", "differences between groups (beyond = more than twice the larger std)",
+        lines += ["", "differences between groups (better / worse: beyond twice the larger std, "
+                      "either way; within: not)",
                   "| group | metric | " + " | ".join(f"stage {s}" for s in range(1, NUM_STAGES + 1))
                   + " |", "|---" * (NUM_STAGES + 2) + "|"]
         rows: dict = {}
         for c in results["comparisons"]:
             rows.setdefault((c["group"], c["baseline"], c["metric"]), {})[c["stage"]] = c
         for (group, base, m), by_stage in rows.items():
-            cells = [f"{c['difference']:+.3f} ({'beyond' if c['beyond'] else 'within'} "
-                     f"{c['twice_spread']:.3f})" for c in (by_stage[s] for s in range(1, NUM_STAGES + 1))]
+            cells = [_verdict_cell(by_stage[s]) for s in range(1, NUM_STAGES + 1)]
             lines.append(f"| {group} vs {base} | {m} | " + " | ".join(cells) + " |")
+        single = sorted({c[k] for c in results["comparisons"] for k in ("group", "baseline")
+                         if c[f"n_{k}"] < 2})
+        if single:
+            lines += ["", f"WARNING: {', '.join(single)} measured once (one repetition, no "
+                          f"spread): no difference with them is called better or worse; pass "
+                          f"two or more --probe_seeds (or several checkpoints per --names)"]
     return "\n".join(lines)
 
 
@@ -464,9 +461,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", default=None, choices=("teacher", "student"),
                    help="network of a trainer checkpoint to probe (default: the teacher, the "
                         "one DeSD evaluates)")
-    p.add_argument("--arch", default="res3d10", choices=list(ARCHS),
-                   help="encoder depth; every checkpoint must be this depth (the released "
-                        "DeSD_Res50: res3d50); res3d10 is what the CPU demo pre-trains")
+    p.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="encoder depth; by default read from the checkpoints (all must be one "
+                        "depth; 'random' is built at it), res3d50 for 'random' alone; when "
+                        "given, every checkpoint must be this depth")
     p.add_argument("--patches_per_case", default=12, type=int_at_least(1),
                    help="fixed patches drawn from every case; more gives steadier numbers and "
                         "costs feature extraction time and memory (the maps are cached)")
@@ -522,15 +520,18 @@ def run(args) -> dict:
     """Probe every checkpoint of `args.checkpoints`; returns the results (also written)."""
     names = args.names or [default_name(c) for c in args.checkpoints]
     device = utils.setup_device(args)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
-    # ---------------------------------------------------------------- checkpoints
-    # Checked before the data are prepared, so a wrong checkpoint fails in seconds.
-    for spec in args.checkpoints:
-        if spec != RANDOM:
-            check_arch(spec, args.arch, args.which)
+    # ---------------------------------------------------------------- checkpoints, held-out list
+    # Checked before anything is created or the data are prepared: a wrong checkpoint fails
+    # in seconds. The depth is the checkpoints' (one for all); 'random' is built at it.
+    args.arch = utils.resolve_arch(args.arch, [c for c in args.checkpoints if c != RANDOM],
+                                   args.which)
+    print(f"encoder: {args.arch}")
+    held_out = (listfile.read_list_file(args.retrieval_list)[:args.retrieval_n]
+                if args.retrieval_list else [])
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- data
     data_dir, cases, class_names = labelled_data(args, out_dir)
@@ -550,10 +551,11 @@ def run(args) -> dict:
           f"{', '.join(class_names)}; held-out patch centres: " + ", ".join(
               f"{n} {c}" for n, c in zip(class_names, counts)) + f" (k-NN chance {knn_chance:.3f})")
     pairs = {}
-    if args.retrieval_list:
-        held_out = listfile.read_list_file(args.retrieval_list)[:args.retrieval_n]
+    if held_out:
         pairs = {s: retrieval_pairs(held_out, args.retrieval_crop, s) for s in args.probe_seeds}
         print(f"view retrieval: {len(held_out)} held-out sub-volumes of {args.retrieval_list}")
+        for w in held_out_warnings(len(held_out)):
+            print(f"WARNING: {w}")
 
     # ---------------------------------------------------------------- probes
     runs = []
@@ -614,8 +616,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     args = parser.parse_args(argv)
-    utils.check_patch_size(parser, args.arch, args.patch_size)
-    utils.check_patch_size(parser, args.arch, args.retrieval_crop, "--retrieval_crop")
+    arch = args.arch or utils.DEFAULT_ARCH  # every depth has the same strides
+    utils.check_patch_size(parser, arch, args.patch_size)
+    utils.check_patch_size(parser, arch, args.retrieval_crop, "--retrieval_crop")
     if args.names is not None and len(args.names) != len(args.checkpoints):
         parser.error(f"--names gives {len(args.names)} names for {len(args.checkpoints)} "
                      f"checkpoints")

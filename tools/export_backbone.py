@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
+import utils  # noqa: E402
 from common import atomic  # noqa: E402
 from models import backbone_only, extract_backbone_state, read_checkpoint, save_backbone  # noqa: E402
 
@@ -32,11 +33,14 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
     `which`: 'teacher' or 'student'; by default the teacher, else the student, else the
     checkpoint itself as a bare state dict. `out` defaults to `teacher_backbone.safetensors`
     (`student_…`, or `<checkpoint name>_backbone…` for a bare state dict) beside the
-    checkpoint. Raises `models.PretrainedLoadError` (a ValueError) when the checkpoint
-    holds no complete, finite res3d* backbone.
+    checkpoint. The depth is the tensors'; a checkpoint whose args name another depth is
+    refused. Raises `models.PretrainedLoadError` (a ValueError) when the checkpoint holds no
+    complete, finite res3d* backbone, ValueError when its args contradict its tensors.
     """
     checkpoint = Path(checkpoint)
-    state, source = extract_backbone_state(read_checkpoint(checkpoint), which)
+    read = read_checkpoint(checkpoint)
+    utils.checkpoint_arch(checkpoint, which, read)  # refuses args that contradict the tensors
+    state, source = extract_backbone_state(read, which)
     if out is None:
         stem = source if source in ("teacher", "student") else checkpoint.name.split(".")[0]
         out = checkpoint.with_name(f"{stem}_backbone.safetensors")
