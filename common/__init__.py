@@ -7,6 +7,8 @@
     resample.py                (numpy/scipy and models.contract)
     cases.py                   (imports cli, resample, volume_io; synthetic_ct when generating)
     retrieval.py, speed.py     (torch: view retrieval; the trainer's optional fast paths)
+    desd_args.py               (the trainer's flags; imports cli, models, utils)
+    probe_report.py            (the probes' statistics and tables; imports atomic)
     checkpoints.py             (torch: the trainer's checkpoint; imports atomic, models, utils)
 
 Nothing here imports a stage script, the trainer, a tool or the example.

@@ -104,3 +104,15 @@ def test_models_package_exports_lazily():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[-1.0, 0.0, 0.5, 1.0] models.res3d ['ARCHS', 'DINOHead']"
+
+
+def test_no_file_outside_tests_and_benchmarks_grows_past_600_lines():
+    long = {}
+    for path in REPO.rglob("*.py"):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in {"tests", "benchmarks", ".git"}:
+            continue
+        n = len(path.read_text().splitlines())
+        if n > 600:
+            long[rel.as_posix()] = n
+    assert not long, f"split these by concern: {long}"
