@@ -344,6 +344,7 @@ def test_speed_flags_default_to_todays_routes():
     assert main_desd.build_optimizer(args, nets.student).defaults["fused"] is None
 
 
+@pytest.mark.slow
 def test_trainer_with_every_route_trains_like_todays_run():
     """The folded stem, the decomposed norm and the fused optimiser through the trainer
     (each exact in the tests above): after two SGD steps student and teacher differ from

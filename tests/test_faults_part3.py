@@ -28,6 +28,8 @@ from common import atomic, checkpoints, listfile, lock
 from test_preprocess import run_with_full_disk, write_volume
 from test_train import TINY, env, make_subvolumes
 
+pytestmark = pytest.mark.slow  # fault injection in subprocesses: seconds to a minute each
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
