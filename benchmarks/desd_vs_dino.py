@@ -1,8 +1,12 @@
 """DeSD vs DINO, paired over pre-training seeds: per-stage representations and few-label
 fine-tuning, with paired t statistics and a Holm correction over the four stages.
 
-    # the comparison reported in the README (2-core CPU, about an hour)
-    python benchmarks/desd_vs_dino.py --output_dir dvd --seeds 0 1 2 3 4 5 6 7
+    # the comparison reported in the README (2-core CPU, shared: 107 minutes)
+    python benchmarks/desd_vs_dino.py --output_dir dvd --seeds 0 1 2 3 4 5 6 7 8 9 10 11 \
+        --pretrain_deadline_minutes 55 --deadline_minutes 92 --ft_labels 1 4 --ft_seeds 0 \
+        --ft_patch 16 48 48 --ft_eval_overlap 0
+    # the tables and charts again from the runs in dvd (starts no run)
+    python benchmarks/desd_vs_dino.py --output_dir dvd <the same arguments> --report_only
     # a tiny end-to-end run (the test does this)
     python benchmarks/desd_vs_dino.py --output_dir dvd_tiny --tiny
 
@@ -14,7 +18,8 @@ head and see the same sub-volumes, views and augmentation draws in the same orde
 trainer seeds the backbone before the heads of the extra stages and draws every sample
 and augmentation from streams of (seed, epoch, index); tests/test_desd_vs_dino.py checks
 it). The seed is the unit: a per-seed difference DeSD - DINO cancels what the seed changes
-in both, and the statistics are over seeds.
+in both alike (how much, the tables show: the spread of the paired differences next to
+each method's), and the statistics are over seeds.
 
 Steps, each a subprocess of the repository's own scripts (results of finished steps are
 reused when the command is run again with the same settings):
@@ -23,15 +28,20 @@ reused when the command is run again with the same settings):
    preprocessing scripts, for pre-training and a held-out set for view retrieval (the
    first sub-volume of each held-out series); a labelled phantom set for the probes
    and fine-tuning.
-2. pre-training: DeSD and DINO for every seed (main_desd.py, the demo's CPU settings).
+2. pre-training: DeSD and DINO for every seed (main_desd.py, the demo's CPU settings, a
+   shorter run by default), a seed's two runs side by side (`--jobs 2`, one thread each);
+   `--pretrain_deadline_minutes` starts no further seed that would end after it (time
+   alone decides, never a result).
 3. frozen encoders per stage (tools/eval_probe.py, once on clean patches and once with
    `--augment`): held-out view retrieval top-1/top-5, linear-probe Dice and k-NN,
-   each repeated over `--probe_seeds` and averaged within a pre-training seed.
+   each repeated over `--probe_seeds` and averaged within a pre-training seed; and the
+   view retrieval each pre-training logged after its last epoch (another view draw).
 4. few-label fine-tuning (finetune_example.py): for 1, 2, 4 ... labelled phantoms (a
    subset drawn per seed from the training pool; the held-out phantoms are fixed), from
    scratch, DINO and DeSD, with the same seed, patches and decoder initialisation; one
    run per point of the curve (`--ft_steps`: a run of that many steps, with its own
-   cosine schedule), held-out Dice.
+   cosine schedule), held-out Dice; `--deadline_minutes` starts no further seed that
+   would end after it, and drops a label setting left with fewer than 2 seeds.
 5. statistics per stage (and per fine-tuning setting): means and standard deviations
    over seeds, the mean paired difference, its t confidence interval, the paired t-test
    p-value, the Holm-adjusted p-value over the four stages (over the label settings
@@ -612,7 +622,6 @@ def plot(comparisons: list[dict], rows: list[dict], seeds: Sequence[int], out: P
                     half = stats.t.ppf(0.975, k - 1) * v.std(1, ddof=1) / math.sqrt(k)
                     ax.fill_between(steps, mean - half, mean + half, color=colour, alpha=0.15)
                 ax.plot(steps, mean, "o-", color=colour, label=method)
-            ax.set_xscale("log")
             ax.set_xticks(steps, [str(s) for s in steps])
             ax.set_xlabel("fine-tuning steps")
             ax.set_ylabel("held-out Dice")
