@@ -23,7 +23,10 @@ exactly as stage 2 does, labels by nearest neighbour, HU clipped to [-1024, 1024
 = HU / 1024) and cached under `OUTPUT_DIR/preprocessed_*`. Half of the patches are
 centred on a foreground voxel. The last third of the cases (sorted by name) is held
 out, segmented by sliding window, and the script prints the Dice per foreground class
-and overall (`Dice: 0.xxx`), also written to `OUTPUT_DIR/results.json`.
+and overall (`Dice: 0.xxx`), also written to `OUTPUT_DIR/results.json`; with
+`--eval_every N` also after every N epochs (the learning curve, `results.json` 'curve').
+`--freeze_encoder_epochs` and `--encoder_lr_scale` are the two usual ways to keep a
+pre-trained encoder from being overwritten while the new decoder is still random.
 """
 from __future__ import annotations
 
@@ -73,6 +76,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight_decay", default=1e-4, type=float_in(0.0), help="AdamW weight decay")
     p.add_argument("--eval_overlap", default=0.5, type=float_in(0.0, 0.95),
                    help="sliding-window overlap at evaluation (0 is fastest)")
+    p.add_argument("--eval_every", default=0, type=int_at_least(0),
+                   help="also measure the held-out Dice after every N epochs (a learning curve "
+                        "in results.json under 'curve'); 0: only after the last epoch")
+    p.add_argument("--freeze_encoder_epochs", default=0, type=int_at_least(0),
+                   help="keep the encoder fixed for the first N epochs (only the decoder "
+                        "learns), then train everything: a common way to keep pre-trained "
+                        "features from being overwritten while the decoder is still random")
+    p.add_argument("--encoder_lr_scale", default=1.0, type=float_in(0.0, low_open=True),
+                   help="the encoder's learning rate as a fraction of --lr (e.g. 0.1 to move "
+                        "pre-trained weights less than the new decoder)")
     p.add_argument("--output_dir", "--out_dir", default="finetune_output", type=str,
                    help="where the synthetic set, the preprocessing cache, the model and "
                         "results.json go")
@@ -151,8 +164,8 @@ def train_one_epoch(net: nn.Module, cases, optimizer: torch.optim.Optimizer,
     total = torch.zeros((), device=device)
     for it in tqdm(range(args.iters_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
                    leave=False):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_schedule[epoch * args.iters_per_epoch + it]
+        for group in optimizer.param_groups:  # "scale": the encoder's --encoder_lr_scale
+            group["lr"] = lr_schedule[epoch * args.iters_per_epoch + it] * group["scale"]
         x, y = patch_batch(cases, args, rng, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = net(x)
@@ -165,6 +178,21 @@ def train_one_epoch(net: nn.Module, cases, optimizer: torch.optim.Optimizer,
     if not math.isfinite(mean):
         raise ValueError(f"non-finite loss in epoch {epoch + 1}; lower --lr")
     return mean
+
+
+def evaluate(net: nn.Module, val_cases, num_classes: int, args, device: torch.device
+             ) -> tuple[float, list[float]]:
+    """Held-out Dice: (mean over the foreground classes, per class). A class absent from a
+    case in both prediction and truth does not count for that case."""
+    net.eval()
+    scores = np.stack([dice_per_class(
+        predict_volume(net, c.image, args.patch_size, num_classes, device, args.eval_overlap),
+        np.asarray(c.labels), num_classes) for c in val_cases])
+    net.train()
+    per_class = [float(np.nanmean(col)) if not np.isnan(col).all() else float("nan")
+                 for col in scores.T]
+    kept = [v for v in per_class if not math.isnan(v)]
+    return (float(np.mean(kept)) if kept else float("nan")), per_class
 
 
 def run(args) -> dict:
@@ -197,31 +225,42 @@ def run(args) -> dict:
     net.to(device)
 
     # ---------------------------------------------------------------- optimiser, schedule
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    encoder_params = list(net.encoder.parameters())
+    known = {id(q) for q in encoder_params}
+    optimizer = torch.optim.AdamW(
+        [{"params": encoder_params, "scale": args.encoder_lr_scale},
+         {"params": [q for q in net.parameters() if id(q) not in known], "scale": 1.0}],
+        lr=args.lr, weight_decay=args.weight_decay)
     lr_schedule = utils.cosine_scheduler(args.lr, 0.01 * args.lr, args.epochs, args.iters_per_epoch)
 
     # ---------------------------------------------------------------- loop
-    start = time.time()
+    start, curve = time.time(), []
     for epoch in range(args.epochs):
+        frozen = epoch < args.freeze_encoder_epochs  # AdamW leaves a parameter without a
+        for q in encoder_params:                     # gradient untouched (no decay either)
+            q.requires_grad_(not frozen)
         loss = train_one_epoch(net, train_cases, optimizer, lr_schedule, epoch, args, device)
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  ({time.time() - start:.0f} s)")
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  ({time.time() - start:.0f} s)"
+              + ("  (encoder fixed)" if frozen else ""))
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+            dice, _ = evaluate(net, val_cases, num_classes, args, device)
+            curve.append({"epoch": epoch + 1, "step": (epoch + 1) * args.iters_per_epoch,
+                          "dice": dice})
+            print(f"epoch {epoch + 1}/{args.epochs}  held-out Dice {dice:.3f}")
 
     # ---------------------------------------------------------------- evaluation
-    net.eval()
-    scores = np.stack([dice_per_class(
-        predict_volume(net, c.image, args.patch_size, num_classes, device, args.eval_overlap),
-        np.asarray(c.labels), num_classes) for c in val_cases])
-    # A class absent from a case in both prediction and truth does not count for it.
-    per_class = [float(np.nanmean(col)) if not np.isnan(col).all() else float("nan")
-                 for col in scores.T]
-    kept = [v for v in per_class if not math.isnan(v)]
-    overall = float(np.mean(kept)) if kept else float("nan")
+    overall, per_class = evaluate(net, val_cases, num_classes, args, device)
+    curve.append({"epoch": args.epochs, "step": args.epochs * args.iters_per_epoch,
+                  "dice": overall})
     print("Dice per class (held-out): "
           + "  ".join(f"{n} {v:.3f}" for n, v in zip(names[1:], per_class)))
     print(f"Dice: {overall:.3f}")
 
     results = {"dice": overall, "dice_per_class": dict(zip(names[1:], per_class)),
-               "pretrained": args.pretrained, "arch": args.arch, "epochs": args.epochs,
+               "curve": curve, "pretrained": args.pretrained, "arch": args.arch,
+               "epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch,
+               "freeze_encoder_epochs": args.freeze_encoder_epochs,
+               "encoder_lr_scale": args.encoder_lr_scale,
                "seed": args.seed, "held_out": [c.name for c in val_cases]}
     with atomic.atomic_write(out_dir / "finetuned_model.pth") as f:
         torch.save(net.state_dict(), f)

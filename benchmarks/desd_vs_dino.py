@@ -39,9 +39,12 @@ reused when the command is run again with the same settings):
 4. few-label fine-tuning (finetune_example.py): for 1, 2, 4 ... labelled phantoms (a
    subset drawn per seed from the training pool; the held-out phantoms are fixed), from
    scratch, DINO and DeSD, with the same seed, patches and decoder initialisation; one
-   run per point of the curve (`--ft_steps`: a run of that many steps, with its own
-   cosine schedule), held-out Dice; `--deadline_minutes` starts no further seed that
-   would end after it, and drops a label setting left with fewer than 2 seeds.
+   run per (labels, init, seed) with the held-out Dice measured every `--ft_eval_every`
+   epochs (the curve); `--deadline_minutes` starts no further seed that would end after
+   it, and drops a label setting left with fewer than 2 seeds. The runs of each set of
+   fine-tuning settings have their own folder, so a variant (`--ft_freeze_epochs`,
+   `--ft_encoder_lr_scale`, `--ft_lr`) run into the same output folder reuses the data,
+   the pre-training and the probes, and adds only its fine-tuning runs.
 5. statistics per stage (and per fine-tuning setting): means and standard deviations
    over seeds, the mean paired difference, its t confidence interval, the paired t-test
    p-value, the Holm-adjusted p-value over the four stages (over the label settings
@@ -59,6 +62,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
@@ -341,53 +345,85 @@ def few_label_dir(labelled: Path, out: Path, n_labels: int, seed: int, pool: int
     return d
 
 
+FT_SETTINGS = ("ft_lr", "ft_batch_size", "ft_patch", "ft_eval_overlap", "ft_decoder", "ft_epochs",
+               "ft_iters_per_epoch", "ft_eval_every", "ft_freeze_epochs", "ft_encoder_lr_scale",
+               "ft_pool", "ft_heldout", "arch")
+
+
+def ft_folder(args, out: Path) -> Path:
+    """The fine-tuning runs' folder for these fine-tuning settings: runs with other settings
+    (a variant: a fixed encoder first, another learning rate) live beside them, and the
+    runs of settings already run are reused."""
+    settings = {k: getattr(args, k) for k in FT_SETTINGS}
+    name = (f"{args.ft_epochs}x{args.ft_iters_per_epoch}_lr{args.ft_lr:g}_fix{args.ft_freeze_epochs}"
+            f"_enc{args.ft_encoder_lr_scale:g}")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    folder = out / f"{name}_{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "settings.json", json.dumps(settings, indent=1) + "\n")
+    return folder
+
+
+def ft_steps(args) -> list[int]:
+    """The points of the held-out Dice curve: every --ft_eval_every epochs and the last."""
+    every = args.ft_eval_every or args.ft_epochs
+    epochs = sorted({*range(every, args.ft_epochs + 1, every), args.ft_epochs})
+    return [e * args.ft_iters_per_epoch for e in epochs]
+
+
 def finetune(args, data: dict[str, Path], ckpts: dict, out: Path, rows: list[dict],
              start: float) -> list[str]:
-    """Few-label fine-tuning from scratch, DINO and DeSD, paired over seeds; one run per
-    point of the curve; a seed's runs side by side (--jobs). Appends the held-out Dice to
-    `rows`. With --deadline_minutes, no further seed is started when, at the rate of the
-    runs so far, its runs would end after the deadline (a rule on time alone); a label
-    setting left with fewer than 2 seeds is dropped. Returns notes on what was left out."""
+    """Few-label fine-tuning from scratch, DINO and DeSD, paired over seeds: one run per
+    (labels, init, seed), its held-out Dice measured along the way (the curve); the runs
+    of --jobs seeds at a time side by side. Appends the curve points to `rows`. With
+    --deadline_minutes, no further seed is started when, at the rate of the runs so far,
+    its runs would end after the deadline (a rule on time alone); a label setting left
+    with fewer than 2 seeds is dropped. Returns notes on what was left out."""
     cache = out / "preprocessed"  # shared by the runs through a link in each run folder
     cache.mkdir(parents=True, exist_ok=True)
+    folder = ft_folder(args, out)
     t0, notes = time.time(), []
-    spent, steps_done = 0.0, 0  # of the runs made here (not reused), for the rate
-    per_seed = (len(METHODS) + 1) * sum(args.ft_steps)
+    spent, rounds = 0.0, 0  # of the rounds run here (not reused), for the rate
+    group = max(1, args.jobs)  # seeds at once: their runs keep every job busy
     for n_labels in args.ft_labels:
-        measured = []
-        for seed in ft_seeds(args):
+        measured, todo = [], ft_seeds(args)
+        while todo:
+            seeds, todo = todo[:group], todo[group:]
             if args.deadline_minutes:
                 late = time.time() > start + 60 * args.deadline_minutes
-                if steps_done:
-                    late |= (time.time() + spent / steps_done * per_seed
-                             > start + 60 * args.deadline_minutes)
+                if rounds:
+                    late |= time.time() + spent / rounds > start + 60 * args.deadline_minutes
                 if late:
                     break
-            subset = few_label_dir(data["labelled"], out / "subsets", n_labels, seed,
-                                   args.ft_pool, args.ft_heldout)
             calls, keys = [], []
-            for init in (SCRATCH, *METHODS):
-                for steps in args.ft_steps:
-                    run_dir = out / f"n{n_labels}" / f"{init}_s{seed}_steps{steps}"
-                    keys.append((init, steps, run_dir / "results.json"))
+            for seed in seeds:
+                subset = few_label_dir(data["labelled"], out / "subsets", n_labels, seed,
+                                       args.ft_pool, args.ft_heldout)
+                for init in (SCRATCH, *METHODS):
+                    run_dir = folder / f"n{n_labels}" / f"{init}_s{seed}"
+                    keys.append((init, seed, run_dir / "results.json"))
                     if not (run_dir / "results.json").is_file():
                         calls.append(functools.partial(
-                            finetune_once, args, subset, n_labels, seed, steps,
+                            finetune_once, args, subset, n_labels, seed,
                             None if init == SCRATCH else ckpts[(init, seed)], run_dir, cache))
             if calls and args.report_only:
                 break
-            t_seed = time.time()
+            t_round = time.time()
             in_parallel(args.jobs, calls)
             if calls:
-                spent += time.time() - t_seed
-                steps_done += sum(c.args[4] for c in calls)
-            measured.append(seed)
-            for init, steps, result in keys:
-                dice = json.loads(result.read_text())["dice"]
-                rows.append({"method": init, "seed": seed, "metric": "finetune_dice", "stage": "",
-                             "n_labels": n_labels, "steps": steps,
-                             "value": float("nan") if dice is None else float(dice)})
-            print(f"  fine-tuned with {n_labels} label(s), seed {seed}: {len(calls)} runs, "
+                spent, rounds = spent + time.time() - t_round, rounds + 1
+            measured += seeds
+            for init, seed, result in keys:
+                curve = {p["step"]: p["dice"] for p in json.loads(result.read_text())["curve"]}
+                for steps in ft_steps(args):
+                    if steps not in curve:
+                        raise BenchError(f"{result} has no held-out Dice at step {steps}: it "
+                                         f"was made with other settings; delete its folder")
+                    dice = curve[steps]
+                    rows.append({"method": init, "seed": seed, "metric": "finetune_dice",
+                                 "stage": "", "n_labels": n_labels, "steps": steps,
+                                 "value": float("nan") if dice is None else float(dice)})
+            print(f"  fine-tuned with {n_labels} label(s), seed(s) {seeds}: {len(calls)} runs, "
                   f"{time.time() - t0:.0f} s", flush=True)
         left = [s for s in ft_seeds(args) if s not in measured]
         if len(measured) < 2:
@@ -405,22 +441,21 @@ def ft_seeds(args) -> list[int]:
     return args.seeds[:args.ft_seeds] if args.ft_seeds else list(args.seeds)
 
 
-def finetune_once(args, subset: Path, n_labels: int, seed: int, steps: int,
-                  pretrained: Path | None, run_dir: Path, cache: Path) -> None:
-    """One finetune_example.py run; its results.json is in `run_dir`."""
+def finetune_once(args, subset: Path, n_labels: int, seed: int, pretrained: Path | None,
+                  run_dir: Path, cache: Path) -> None:
+    """One finetune_example.py run; its results.json (with the curve) is in `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "preprocessed").exists():
         (run_dir / "preprocessed").symlink_to(cache.resolve())
-    iters = min(steps, args.ft_iters_per_epoch)
-    if steps % iters:
-        raise BenchError(f"--ft_steps {steps} is not a multiple of --ft_iters_per_epoch {iters}")
     cmd = script("finetune_example.py") + [
         "--arch", args.arch, "--data_dir", subset,
         "--val_fraction", args.ft_heldout / (n_labels + args.ft_heldout),
         "--batch_size", args.ft_batch_size, "--patch_size", *args.ft_patch,
         "--decoder_channels", *args.ft_decoder, "--lr", args.ft_lr,
-        "--eval_overlap", args.ft_eval_overlap,
-        "--epochs", steps // iters, "--iters_per_epoch", iters, "--seed", seed,
+        "--eval_overlap", args.ft_eval_overlap, "--eval_every", args.ft_eval_every,
+        "--freeze_encoder_epochs", args.ft_freeze_epochs,
+        "--encoder_lr_scale", args.ft_encoder_lr_scale,
+        "--epochs", args.ft_epochs, "--iters_per_epoch", args.ft_iters_per_epoch, "--seed", seed,
         "--output_dir", run_dir]
     if pretrained is not None:
         cmd += ["--pretrained", pretrained]
@@ -570,7 +605,8 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     write_text(path, text.getvalue())
 
 
-def plot(comparisons: list[dict], rows: list[dict], seeds: Sequence[int], out: Path) -> list[Path]:
+def plot(comparisons: list[dict], rows: list[dict], seeds: Sequence[int], out: Path,
+         prefix: str = "") -> list[Path]:
     """representations.png and, with fine-tuning, finetune.png."""
     import matplotlib
     matplotlib.use("Agg")
@@ -605,7 +641,7 @@ def plot(comparisons: list[dict], rows: list[dict], seeds: Sequence[int], out: P
         axes[0][0].legend(fontsize=8)
         axes[1][0].legend(fontsize=8)
         fig.tight_layout()
-        written.append(out / "representations.png")
+        written.append(out / f"{prefix}representations.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     ft = [r for r in rows if r["metric"] == "finetune_dice"]
@@ -628,7 +664,7 @@ def plot(comparisons: list[dict], rows: list[dict], seeds: Sequence[int], out: P
             ax.set_title(f"{n} labelled phantom(s): mean, 95% CI over seeds", fontsize=9)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(out / "finetune.png")
+        written.append(out / f"{prefix}finetune.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written
@@ -650,6 +686,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "processes; with --threads 1, one per core is the fastest on a small CPU")
     p.add_argument("--threads", default=1, type=int_at_least(0),
                    help="OMP_NUM_THREADS of every run (0: as set in the environment)")
+    p.add_argument("--report_name", default="", type=str,
+                   help="prefix of the report files (NAME_results.md, ...), e.g. for a "
+                        "fine-tuning variant run into the same output folder; default none")
     p.add_argument("--report_only", action="store_true",
                    help="start no run: make the tables and charts from the runs already in "
                         "--output_dir (the seeds whose pre-training finished, the fine-tuning "
@@ -706,11 +745,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "fine-tuning)")
     g.add_argument("--ft_seeds", default=4, type=int_at_least(0),
                    help="fine-tune with the first N pre-training seeds only (0: all of them)")
-    g.add_argument("--ft_steps", default=[20, 60], type=int_at_least(1), nargs="+", metavar="S",
-                   help="points of the Dice-against-steps curve; each is its own run")
-    g.add_argument("--ft_iters_per_epoch", default=20, type=int_at_least(1),
-                   help="iterations per fine-tuning epoch; every --ft_steps must be a multiple "
-                        "(or smaller)")
+    g.add_argument("--ft_epochs", default=8, type=int_at_least(1),
+                   help="fine-tuning epochs of every run (one cosine schedule over them)")
+    g.add_argument("--ft_iters_per_epoch", default=25, type=int_at_least(1),
+                   help="iterations per fine-tuning epoch")
+    g.add_argument("--ft_eval_every", default=1, type=int_at_least(0),
+                   help="held-out Dice after every N epochs: the points of the curve (0: only "
+                        "after the last)")
+    g.add_argument("--ft_freeze_epochs", default=0, type=int_at_least(0),
+                   help="keep the pre-trained (or random) encoder fixed for the first N epochs "
+                        "(finetune_example.py --freeze_encoder_epochs)")
+    g.add_argument("--ft_encoder_lr_scale", default=1.0, type=positive,
+                   help="encoder learning rate as a fraction of --ft_lr "
+                        "(finetune_example.py --encoder_lr_scale)")
     g.add_argument("--ft_pool", default=8, type=int_at_least(1),
                    help="the first N phantoms, from which each seed draws its labelled ones")
     g.add_argument("--ft_heldout", default=4, type=int_at_least(1),
@@ -742,8 +789,8 @@ TINY = {"seeds": [0, 1], "series": 3, "heldout": 3, "size": 64, "labelled": 6, "
         "epochs": 1, "max_iters_per_epoch": 2, "batch_size": 2, "out_dim": 32,
         "head_hidden_dim": 32, "head_bottleneck_dim": 16, "crop": [16, 48, 48], "num_workers": 0,
         "probe_seeds": [0], "patches_per_case": 2,
-        "probe_epochs": 2, "probe_voxels": 2048, "ft_labels": [1], "ft_seeds": 0, "ft_steps": [1, 2],
-        "ft_iters_per_epoch": 1, "ft_pool": 3, "ft_heldout": 2, "ft_patch": [16, 48, 48],
+        "probe_epochs": 2, "probe_voxels": 2048, "ft_labels": [1], "ft_seeds": 0, "ft_epochs": 2,
+        "ft_iters_per_epoch": 1, "ft_eval_every": 1, "ft_pool": 3, "ft_heldout": 2, "ft_patch": [16, 48, 48],
         "ft_decoder": [16, 8, 8, 8, 4]}
 
 
@@ -769,26 +816,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def report(args, rows: list[dict], seconds: dict, out: Path, notes: list[str]) -> dict:
     """The statistics of `rows`, written (CSV, markdown, JSON, charts) and printed."""
+    prefix = f"{args.report_name}_" if args.report_name else ""
     comparisons = compare(rows, args.seeds, args.alpha, args.confidence)
     power = power_estimate(comparisons, args.target_difference, args.alpha, args.target_power)
     tables = format_tables(comparisons, rows, args.seeds, args.confidence, power)
-    previous = out / "results.json"
+    previous = out / f"{prefix}results.json"
     if args.report_only and previous.is_file():  # the timing of the runs, not of this pass
         seconds = json.loads(previous.read_text())["seconds"]
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     text = (f"# DeSD vs DINO, paired\n\n{tables}\n\n" + "".join(f"{n}\n\n" for n in notes)
             + f"Wall time: {timing} ({utils.machine_description()}, OMP_NUM_THREADS "
               f"{os.environ.get('OMP_NUM_THREADS', 'unset')}).\n")
-    write_csv(out / "measurements.csv", MEASUREMENT_COLUMNS, rows)
-    write_csv(out / "comparison.csv", COMPARISON_COLUMNS, comparisons)
-    write_text(out / "results.md", text)
+    write_csv(out / f"{prefix}measurements.csv", MEASUREMENT_COLUMNS, rows)
+    write_csv(out / f"{prefix}comparison.csv", COMPARISON_COLUMNS, comparisons)
+    write_text(out / f"{prefix}results.md", text)
     results = {"settings": dict(vars(args)), "seconds": seconds, "notes": notes,
                "power": power, "comparisons": comparisons, "measurements": rows}
-    write_text(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
-    charts = plot(comparisons, rows, args.seeds, out)
+    write_text(out / f"{prefix}results.json", json.dumps(results, indent=1, default=str) + "\n")
+    charts = plot(comparisons, rows, args.seeds, out, prefix)
     print("\n" + tables + "\n\n" + "".join(f"{n}\n" for n in notes) + f"wall time: {timing}")
-    print("written: " + ", ".join(str(out / n) for n in ("measurements.csv", "comparison.csv",
-                                                           "results.md", "results.json"))
+    print("written: " + ", ".join(str(out / f"{prefix}{n}") for n in (
+        "measurements.csv", "comparison.csv", "results.md", "results.json"))
           + "".join(f", {c}" for c in charts), flush=True)
     return results
 

@@ -176,6 +176,23 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     assert (out / "comparison.csv").read_text() == before
     assert dvd.main(["--tiny", "--output_dir", str(tmp_path / "empty"), "--report_only"]) == 1
     assert "run without --report_only" in capsys.readouterr().err
+    # a fine-tuning variant into the same folder: no pre-training or probe runs again, its
+    # runs beside the others, its own report files, the first report left as it was
+    kept = {p: p.stat().st_mtime_ns for p in [*out.glob("pretrain/*/checkpoint.pth"),
+                                              *out.glob("probe_*/probe_results.csv")]}
+    report = (out / "results.md").read_text()
+    assert dvd.main(["--tiny", "--output_dir", str(out), "--ft_freeze_epochs", "1",
+                     "--report_name", "fixed1"]) == 0
+    assert kept and all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert (out / "results.md").read_text() == report
+    folders = sorted(p.parent.name for p in (out / "finetune").glob("*/settings.json"))
+    assert len(folders) == 2 and folders[0].startswith("2x1_lr0.0003_fix0_enc1_"), folders
+    fixed = (out / "finetune" / folders[1])
+    assert fixed.name.startswith("2x1_lr0.0003_fix1_enc1_")
+    logs = list(fixed.glob("n1/*/stdout.txt"))
+    assert len(logs) == 3 * 2 and all("(encoder fixed)" in p.read_text() for p in logs)
+    assert "| labels | seeds | steps |" in (out / "fixed1_results.md").read_text()
+    assert (out / "fixed1_finetune.png").is_file() and (out / "fixed1_comparison.csv").is_file()
     # the pre-trained pairs really are pairs: the same initial retrieval in both logs
     logs = {m: (out / "pretrain" / f"{m}_s0" / "stdout.txt").read_text() for m in ("desd", "dino")}
     initial = [next(line for line in text.splitlines() if line.startswith("view retrieval of the initial"))

@@ -246,6 +246,52 @@ def test_one_epoch_on_synthetic_data(tmp_path, pretrained):
     assert again["dice_per_class"] == results["dice_per_class"]
 
 
+def test_curve_fixed_encoder_and_encoder_learning_rate(tmp_path, pretrained, capsys):
+    from safetensors.torch import save_file
+    save_file(pretrained, str(tmp_path / "bb.safetensors"))
+    bb = ["--pretrained", str(tmp_path / "bb.safetensors")]
+    # two epochs, the encoder fixed in both: only the decoder moved, and the held-out Dice
+    # was measured after each epoch (the last point is the final Dice)
+    results, out = _tiny_run(tmp_path, "fixed", *bb, "--epochs", "2", "--eval_every", "1",
+                             "--freeze_encoder_epochs", "2")
+    assert [(p["epoch"], p["step"]) for p in results["curve"]] == [(1, 2), (2, 4)]
+    assert results["curve"][-1]["dice"] == results["dice"]
+    assert all(0.0 <= p["dice"] <= 1.0 for p in results["curve"])
+    assert re.search(r"^epoch 1/2  held-out Dice \d\.\d{3}$", out, re.M), out
+    assert out.count("(encoder fixed)") == 2
+    net = torch.load(tmp_path / "fixed" / "finetuned_model.pth", weights_only=True)
+    for k, v in pretrained.items():
+        assert torch.equal(net["encoder." + k], v), k
+    fresh = ResUNet3D("res3d10", num_classes=4, decoder_channels=(64, 32, 16, 8, 8)).state_dict()
+    moved = [k for k in fresh if not k.startswith("encoder.")
+             and fresh[k].is_floating_point() and not torch.equal(net[k], fresh[k])]
+    assert moved  # the decoder trained
+    # fixed for the first of two epochs: the encoder moves in the second
+    part, out = _tiny_run(tmp_path, "part", *bb, "--epochs", "2", "--freeze_encoder_epochs", "1")
+    assert out.count("(encoder fixed)") == 1
+    assert [p["step"] for p in part["curve"]] == [4]  # no --eval_every: the end only
+    net = torch.load(tmp_path / "part" / "finetuned_model.pth", weights_only=True)
+    assert not torch.equal(net["encoder.conv1.weight"], pretrained["conv1.weight"])
+    # --encoder_lr_scale: the encoder's group steps at that fraction of the schedule
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append([(g["scale"], g["lr"]) for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    torch.optim.AdamW.step = spy
+    try:
+        _tiny_run(tmp_path, "scaled", *bb, "--encoder_lr_scale", "0.1", "--lr", "0.001")
+    finally:
+        torch.optim.AdamW.step = real_step
+    assert len(seen) == 2
+    for (enc_scale, enc_lr), (dec_scale, dec_lr) in seen:
+        assert (enc_scale, dec_scale) == (0.1, 1.0)
+        assert enc_lr == pytest.approx(0.1 * dec_lr) and dec_lr <= 0.001
+    assert seen[0][1][1] == pytest.approx(0.001)
+
+
 def test_export_backbone_round_trip(tmp_path, pretrained, capsys):
     from safetensors.torch import load_file
     torch.save(_published_checkpoint(pretrained), tmp_path / "published.pth")
