@@ -73,12 +73,11 @@ done
 grep '_dep0\.' "$HO/SSL_data_deeplesion.txt" > "$HO/retrieval.txt"
 echo "pre-training: $(wc -l < "$DL/SSL_data_deeplesion.txt") sub-volumes; view retrieval: $(wc -l < "$HO/retrieval.txt") held out"
 
-PRETRAIN=(--arch "$ARCH" --data_path "$DL" --list_path SSL_data_deeplesion.txt
-          --retrieval_list "$HO/retrieval.txt" --num_workers 1 --print_freq 1000
-          --epochs "$EPOCHS" --warmup_epochs 1 --batch_size_per_gpu "$BATCH"
-          --out_dim 1024 --use_bn_in_head True --head_hidden_dim 256 --head_bottleneck_dim 64
-          --global_crop_size 16 48 48 --local_crops_number 0
-          --lr 0.03 --momentum_teacher 0.98 --teacher_temp 0.02 --warmup_teacher_temp 0.02)
+# the CPU settings are main_desd.py's preset cpu_demo (lr 0.03, teacher momentum 0.98,
+# sharp teacher, BatchNorm in small heads, 16x48x48 crops); no local crops here
+PRETRAIN=(--preset cpu_demo --arch "$ARCH" --epochs "$EPOCHS" --batch_size_per_gpu "$BATCH"
+          --local_crops_number 0 --data_path "$DL" --list_path SSL_data_deeplesion.txt
+          --retrieval_list "$HO/retrieval.txt" --print_freq 1000)
 step "3/6 DeSD and DINO pre-training ($ARCH, $EPOCHS epochs, batch $BATCH, seeds ${PSEEDS[*]})"
 for s in "${PSEEDS[@]}"; do
   for run in desd dino; do

@@ -45,7 +45,8 @@ from torch import nn
 
 import utils
 from common import atomic
-from common.cases import add_labelled_data_args, crop_pad, labelled_data, random_patch, split_cases
+from common.cases import (add_labelled_data_args, check_data_dir, crop_pad, labelled_data,
+                          random_patch, split_cases)
 from models import ARCHS, HU_MIN, ResUNet3D, build_backbone, hu_to_input, load_pretrained_encoder
 from common.cli import float_in, int_at_least
 
@@ -209,6 +210,7 @@ def run(args) -> dict:
         load_pretrained_encoder(encoder, args.pretrained, args.which)
     else:
         print(f"no --pretrained: training {args.arch} from scratch")
+    check_data_dir(args)  # a wrong --data_dir fails before the output folder exists
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -116,16 +116,25 @@ def add_labelled_data_args(p, patch_size, synthetic_size, fg_fraction):
                    help="slices per synthetic case")
 
 
+def check_data_dir(args) -> None:
+    """ValueError naming the folder when ``--data_dir`` is given but is no MSD-style folder
+    (no folder, no ``imagesTr/*.nii.gz``, a label file missing): called before a program
+    creates anything, so a wrong path leaves no empty output folder behind."""
+    if args.data_dir is not None:
+        if not Path(args.data_dir).is_dir():
+            raise ValueError(f"--data_dir {args.data_dir} is not a folder")
+        list_cases(args.data_dir)
+
+
 def labelled_data(args, out_dir) -> tuple[Path, list[Case], list[str]]:
     """``(data folder, prepared cases, class names)`` for the flags of
     ``add_labelled_data_args``: ``--data_dir``, or a synthetic set generated once into
     ``out_dir`` (kept for the same settings). Cases are cached under
     ``out_dir/preprocessed``. Raises ValueError naming the folder when it cannot be used."""
     out_dir = Path(out_dir)
+    check_data_dir(args)
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
-        if not data_dir.is_dir():
-            raise ValueError(f"--data_dir {data_dir} is not a folder")
     else:
         from synthetic_ct import make_labelled_set
         data_dir = out_dir / (f"synthetic_labelled_n{args.n_synthetic}_s{args.synthetic_size}"

@@ -55,7 +55,8 @@ class ResUNet3D(nn.Module):
     (`encoder.forward_features(x, include_stem=True)`) and by the input itself; every
     level is upsampled to its skip's size, so the output has exactly the input's size.
     The deepest stage must keep more than one voxel (instance norm cannot normalise a
-    single one): with the published stem, at least 32 voxels in depth or 64 in-plane.
+    single one): with the published stem (depth / 16, height and width / 32 at stage 4),
+    at least 17 voxels in depth or 33 in height or width.
     """
 
     def __init__(self, arch: str = "res3d50", num_classes: int = 2, in_channels: int = 1,
@@ -77,10 +78,12 @@ class ResUNet3D(nn.Module):
         """Raise ValueError when an input of spatial `size` leaves one voxel at stage 4."""
         deepest = self.encoder.stage_shapes(size)[-1]
         if math.prod(deepest) <= 1:
+            factor = [16 * s for s in self.encoder.conv1.stride]  # stem x max-pool x 3 stages
             raise ValueError(
                 f"input of size {tuple(size)} is too small: the encoder's last stage would be "
-                f"{deepest}, a single voxel that instance norm cannot normalise; use at least "
-                f"32 voxels in depth or 64 in height or width")
+                f"{deepest}, a single voxel that instance norm cannot normalise; use more "
+                f"than {factor[0]} voxels in depth or more than {factor[1]} in height or "
+                f"{factor[2]} in width")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_size(x.shape[2:])

@@ -203,8 +203,16 @@ def test_network_output_matches_odd_input_sizes(arch):
 
 def test_too_small_input_is_a_clear_error():
     net = ResUNet3D("res3d10", num_classes=2)
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match="too small") as err:
         net(torch.randn(1, 1, 16, 32, 32))
+    # the message names the exact minimum: one voxel more on any axis is enough
+    assert "more than 16 voxels in depth or more than 32 in height or 32 in width" in str(err.value)
+    for size in ((17, 32, 32), (16, 33, 32), (16, 32, 33)):
+        net.check_input_size(size)
+    deep = ResUNet3D("res3d10", stem_stride=(2, 2, 2))
+    with pytest.raises(ValueError, match="more than 32 voxels in depth or more than 32"):
+        deep.check_input_size((32, 32, 32))
+    deep.check_input_size((33, 32, 32))
     assert net.encoder.stage_shapes((15, 37, 41))[-1] == (1, 2, 2)
     assert ResUNet3D("res3d10", stem_stride=(2, 2, 2)).encoder.stage_shapes((32, 64, 64))[-1] \
         == (1, 2, 2)

@@ -346,6 +346,27 @@ def test_tools_read_the_depth_from_the_checkpoint(res3d10_checkpoint, tmp_path, 
     assert "--arch is res3d18" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("layout", ["no folder", "empty folder", "image without label"])
+def test_a_wrong_data_dir_creates_no_output_folder(layout, tmp_path, capsys):
+    data = tmp_path / "data"
+    if layout != "no folder":
+        (data / "imagesTr").mkdir(parents=True)
+    if layout == "image without label":
+        (data / "imagesTr" / "case_0.nii.gz").write_bytes(b"")
+    expected = {"no folder": "is not a folder", "empty folder": "no imagesTr/*.nii.gz",
+                "image without label": "has no label file"}[layout]
+    for name, call in (("finetune_example.py", lambda o: finetune_example.main(
+                            ["--arch", "res3d10", "--data_dir", str(data), "--output_dir", o])),
+                       ("eval_probe.py", lambda o: eval_probe.main(
+                            ["random", "--arch", "res3d10", "--data_dir", str(data),
+                             "--output_dir", o]))):
+        out = tmp_path / name
+        assert call(str(out)) == 1
+        err = _last_line(capsys.readouterr().err)
+        assert err.startswith(f"{name}: error: ") and expected in err and str(data) in err, err
+        assert not out.exists(), name
+
+
 # ----------------------------------------------------------------------------- item 6
 def _last_line(text: str) -> str:
     return [ln for ln in text.splitlines() if ln.strip()][-1]

@@ -64,7 +64,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 import utils  # noqa: E402
 from common import listfile  # noqa: E402
-from common.cases import add_labelled_data_args, labelled_data, random_patch, split_cases  # noqa: E402
+from common.cases import (add_labelled_data_args, check_data_dir, labelled_data,  # noqa: E402
+                          random_patch, split_cases)
 from data_loader_ssl import VIEW_INTENSITY_PARAMS, BatchIntensityAugment, retrieval_pairs  # noqa: E402
 from models import ARCHS, HU_MIN, build_backbone, hu_to_input, load_pretrained_encoder  # noqa: E402
 from common.cli import BOOL, float_in, int_at_least  # noqa: E402
@@ -370,6 +371,7 @@ def run(args) -> dict:
     print(f"encoder: {args.arch}")
     held_out = (listfile.read_list_file(args.retrieval_list)[:args.retrieval_n]
                 if args.retrieval_list else [])
+    check_data_dir(args)  # a wrong --data_dir fails before the output folder exists
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
