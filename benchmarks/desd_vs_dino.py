@@ -1,10 +1,15 @@
 """DeSD vs DINO, paired over pre-training seeds: per-stage representations and few-label
 fine-tuning, with paired t statistics and a Holm correction over the four stages.
 
-    # the comparison reported in the README (2-core CPU, shared: 107 minutes)
-    python benchmarks/desd_vs_dino.py --output_dir dvd --seeds 0 1 2 3 4 5 6 7 8 9 10 11 \
-        --pretrain_deadline_minutes 55 --deadline_minutes 92 --ft_labels 1 4 --ft_seeds 0 \
-        --ft_patch 16 48 48 --ft_eval_overlap 0
+    # the README's run with few-label fine-tuning (2-core CPU, idle: 84 minutes)
+    python benchmarks/desd_vs_dino.py --output_dir dvd --seeds 0 1 2 3 4 5 --ft_labels 1 2 4 \
+        --ft_seeds 4 --ft_patch 16 48 48 --ft_eval_overlap 0 --ft_epochs 12 \
+        --ft_iters_per_epoch 25 --ft_eval_every 2
+    # a fine-tuning variant beside it (reuses the data, pre-training and probes of dvd)
+    python benchmarks/desd_vs_dino.py --output_dir dvd <the same arguments> --ft_labels 1 \
+        --ft_freeze_epochs 4 --report_name fixed4
+    # the README's 12 seeds, representations only (no fine-tuning)
+    python benchmarks/desd_vs_dino.py --output_dir dvd12 --seeds 0 1 2 3 4 5 6 7 8 9 10 11 --ft_labels
     # the tables and charts again from the runs in dvd (starts no run)
     python benchmarks/desd_vs_dino.py --output_dir dvd <the same arguments> --report_only
     # a tiny end-to-end run (the test does this)
