@@ -1,7 +1,7 @@
 """DeSD vs DINO, paired over pre-training seeds: per-stage representations and few-label
 fine-tuning, with paired t statistics and a Holm correction over the four stages.
 
-    # the README's run with few-label fine-tuning (2-core CPU, idle: 84 minutes)
+    # the README's run with few-label fine-tuning (2-core CPU, idle: 85 minutes)
     python benchmarks/desd_vs_dino.py --output_dir dvd --seeds 0 1 2 3 4 5 --ft_labels 1 2 4 \
         --ft_seeds 4 --ft_patch 16 48 48 --ft_eval_overlap 0 --ft_epochs 12 \
         --ft_iters_per_epoch 25 --ft_eval_every 2
@@ -364,8 +364,9 @@ def ft_folder(args, out: Path) -> Path:
             f"_enc{args.ft_encoder_lr_scale:g}")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     folder = out / f"{name}_{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / "settings.json", json.dumps(settings, indent=1) + "\n")
+    if not args.report_only:  # --report_only creates nothing
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(folder / "settings.json", json.dumps(settings, indent=1) + "\n")
     return folder
 
 
@@ -385,11 +386,12 @@ def finetune(args, data: dict[str, Path], ckpts: dict, out: Path, rows: list[dic
     its runs would end after the deadline (a rule on time alone); a label setting left
     with fewer than 2 seeds is dropped. Returns notes on what was left out."""
     cache = out / "preprocessed"  # shared by the runs through a link in each run folder
-    cache.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        cache.mkdir(parents=True, exist_ok=True)
     folder = ft_folder(args, out)
     t0, notes = time.time(), []
     spent, rounds = 0.0, 0  # of the rounds run here (not reused), for the rate
-    group = max(1, args.jobs)  # seeds at once: their runs keep every job busy
+    group = args.jobs  # seeds at once: their runs keep every job busy
     for n_labels in args.ft_labels:
         measured, todo = [], ft_seeds(args)
         while todo:
